@@ -1,0 +1,260 @@
+"""Activities of the signing-request workflow: persistence, grants, artifact signing, pre-approvals.
+
+Each is idempotent, because Temporal retries activities: persistence is versioned, the grant
+is keyed on the request id, the artifact signature is stored on the request row once, and a
+pre-approval claim is one conditional UPDATE remembered per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, or_, select, update
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from core.schemas import (
+    ClaimPreApprovalInput,
+    IssuedGrant,
+    IssueGrantInput,
+    PersistRequestInput,
+    SignArtifactInput,
+    SignArtifactOutcome,
+)
+from core.timeutil import utcnow
+from store import audit
+from store.db import session_scope
+from store.models import Certificate, Grant, PreApproval, SigningRequest
+
+log = logging.getLogger(__name__)
+
+
+class RequestActivities:
+    def __init__(self, engine: Engine, key_store: Any) -> None:
+        self.engine = engine
+        self.key_store = key_store
+
+    @activity.defn(name="persist_request")
+    def persist_request(self, input: PersistRequestInput) -> None:
+        persist_request_state(self.engine, input)
+
+    @activity.defn(name="issue_grant")
+    def issue_grant(self, input: IssueGrantInput) -> IssuedGrant:
+        with session_scope(self.engine) as session:
+            existing = session.exec(  # type: ignore[call-overload]
+                select(Grant).where(Grant.request_id == input.request_id)  # type: ignore[arg-type]
+            ).first()
+            if existing is not None:
+                grant = existing[0]
+                return IssuedGrant(
+                    grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until
+                )
+            grant = Grant(
+                id=str(uuid.uuid4()),
+                request_id=input.request_id,
+                signer_id=input.signer_id,
+                identity_id=input.identity_id,
+                valid_from=input.valid_from,
+                valid_until=input.valid_until,
+                allowed_sign_operations=input.allowed_sign_operations,
+            )
+            session.add(grant)
+            session.flush()
+            audit.record(
+                session,
+                actor=audit.SYSTEM,
+                action="grant.issued",
+                entity_type="grant",
+                entity_id=grant.id,
+                request_id=input.request_id,
+                data={
+                    "signerId": input.signer_id,
+                    "identityId": input.identity_id,
+                    "validFrom": input.valid_from,
+                    "validUntil": input.valid_until,
+                    "allowedSignOperations": input.allowed_sign_operations,
+                },
+            )
+            return IssuedGrant(grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until)
+
+    @activity.defn(name="sign_artifact")
+    def sign_artifact(self, input: SignArtifactInput) -> SignArtifactOutcome:
+        """Sign the request's artifact with one operation of its grant, exactly once."""
+        from core.errors import SigngateError
+        from store import signing
+
+        with session_scope(self.engine) as session:
+            row = session.get(SigningRequest, input.request_id)
+            if row is not None and row.signature:
+                return SignArtifactOutcome(signature=row.signature)
+        artifact = input.artifact
+        actor = audit.Actor(id=input.identity_id, name=None, ip_address=input.ip_address)
+        try:
+            if artifact.format == "cms":
+                signature = self._sign_cms(input, actor)
+            else:
+                result = signing.sign(
+                    self.engine,
+                    self.key_store,
+                    signer_id=input.signer_id,
+                    actor=actor,
+                    signing_algorithm=artifact.signing_algorithm,
+                    data_b64=artifact.digest,
+                    is_digest=True,
+                    client_metadata={**input.client_metadata, "requestId": input.request_id},
+                    grant_id=input.grant_id,
+                    require_grant=True,
+                    store_signature_on_request=input.request_id,
+                )
+                signature = base64.b64encode(result.signature).decode()
+        except SigngateError as exc:
+            if exc.status_code >= 500:
+                raise ApplicationError(exc.description, type="SigningFailed") from exc
+            log.warning("artifact of request %s not signed: %s", input.request_id, exc.description)
+            return SignArtifactOutcome(error=exc.description)
+        return SignArtifactOutcome(signature=signature)
+
+    def _sign_cms(self, input: SignArtifactInput, actor: audit.Actor) -> str:
+        from pki.certificates import parse_certificate_pem, parse_chain_pem
+        from pki.cms import cms_detached_from_digest
+        from store import signing
+
+        artifact = input.artifact
+        with session_scope(self.engine) as session:
+            key = signing.load_signer_key(session, input.signer_id)
+            cert_row = session.get(Certificate, key.certificate_id)
+            assert cert_row is not None and cert_row.certificate_pem is not None
+            cert_pem, chain_pem = cert_row.certificate_pem, cert_row.chain_pem
+
+        def build(private_key: Any) -> bytes:
+            return cms_detached_from_digest(
+                private_key,
+                parse_certificate_pem(cert_pem),
+                parse_chain_pem(chain_pem) if chain_pem else [],
+                base64.b64decode(artifact.digest),
+                artifact.digest_algorithm,
+                artifact.signing_algorithm,
+            )
+
+        result = signing.sign(
+            self.engine,
+            self.key_store,
+            signer_id=input.signer_id,
+            actor=actor,
+            signing_algorithm=artifact.signing_algorithm,
+            data_b64=artifact.digest,
+            is_digest=False,
+            client_metadata={**input.client_metadata, "requestId": input.request_id, "format": "cms"},
+            grant_id=input.grant_id,
+            require_grant=True,
+            store_signature_on_request=input.request_id,
+            producer=build,
+        )
+        return base64.b64encode(result.signature).decode()
+
+    @activity.defn(name="claim_pre_approval")
+    def claim_pre_approval(self, input: ClaimPreApprovalInput) -> str | None:
+        """Claim a matching pre-approval atomically; a single-use one serves exactly one request."""
+        now = utcnow()
+        with session_scope(self.engine) as session:
+            already = session.execute(
+                select(SigningRequest.pre_approval_id).where(SigningRequest.id == input.request_id)  # type: ignore[call-overload]
+            ).scalar()
+            if already:
+                return str(already)
+            claimed_marker = session.execute(
+                select(PreApproval.id).where(PreApproval.last_used_request_id == input.request_id)  # type: ignore[call-overload]
+            ).scalar()
+            if claimed_marker:
+                return str(claimed_marker)
+            candidates = session.execute(
+                select(PreApproval.id, PreApproval.single_use)  # type: ignore[call-overload]
+                .where(
+                    PreApproval.signer_id == input.signer_id,
+                    PreApproval.identity_id == input.identity_id,
+                    PreApproval.status == "active",
+                    PreApproval.not_before <= now,
+                    PreApproval.expires_at > now,
+                    or_(PreApproval.ip_address.is_(None), PreApproval.ip_address == input.ip_address),  # type: ignore[union-attr]
+                    or_(
+                        PreApproval.signing_executable.is_(None),  # type: ignore[union-attr]
+                        PreApproval.signing_executable == input.signing_executable,
+                    ),
+                )
+                .order_by(PreApproval.single_use.desc(), PreApproval.expires_at)  # type: ignore[attr-defined]
+            ).all()
+            for pre_approval_id, single_use in candidates:
+                values: dict[str, Any] = {
+                    "used_count": PreApproval.used_count + 1,
+                    "last_used_request_id": input.request_id,
+                }
+                if single_use:
+                    values["status"] = "used"
+                claimed = session.execute(
+                    update(PreApproval)
+                    .where(PreApproval.id == pre_approval_id, PreApproval.status == "active")  # type: ignore[arg-type]
+                    .values(**values)
+                    .returning(PreApproval.id)  # type: ignore[arg-type]
+                ).first()
+                if claimed is not None:
+                    audit.record(
+                        session,
+                        actor=audit.SYSTEM,
+                        action="pre_approval.used",
+                        entity_type="pre_approval",
+                        entity_id=pre_approval_id,
+                        request_id=input.request_id,
+                        data={"singleUse": bool(single_use)},
+                    )
+                    return str(pre_approval_id)
+        return None
+
+
+def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:
+    """Write one version of the request; older or repeated versions are ignored. True if written."""
+    state = input.state
+    payload = state.model_dump(mode="json")
+    with session_scope(engine) as session:
+        row = session.get(SigningRequest, state.id, with_for_update=True)
+        if row is not None and row.version >= state.version:
+            return False
+        if row is None:
+            row = SigningRequest(
+                id=state.id,
+                workflow_id=state.workflow_id,
+                status=state.status,
+                version=state.version,
+                signer_id=state.signer_id,
+                signer_name=state.signer_name,
+                signing_policy_id=state.signing_policy_id,
+                requester_id=state.requester_id,
+                requester_name=state.requester_name,
+                created_at=state.created_at,
+                expires_at=state.expires_at,
+                original_request_id=state.original_request_id,
+                state=payload,
+            )
+        row.status = state.status
+        row.version = state.version
+        row.closed_at = state.closed_at
+        row.grant_id = state.grant_id
+        row.pre_approval_id = state.pre_approval_id
+        if state.signature:
+            row.signature = state.signature
+        row.state = payload
+        session.add(row)
+        session.flush()
+        for note in input.notes:
+            audit.record(
+                session,
+                actor=audit.Actor(id=note.actor_id, name=note.actor_name),
+                action=note.action,
+                entity_type="signing_request",
+                entity_id=state.id,
+                request_id=state.id,
+                data=note.data,
+            )
+    return True

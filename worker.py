@@ -1,0 +1,64 @@
+"""The signgate worker: settings -> Temporal client -> Worker, with a graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+from typing import Any
+
+from sqlalchemy import Engine
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from core.config import Settings
+
+log = logging.getLogger("signgate.worker")
+
+
+def build_worker(client: Client, settings: Settings, engine: Engine, key_store: Any) -> Worker:
+    from activities.requests import RequestActivities
+    from workflows.signing_request import SigningRequestWorkflow
+
+    acts = RequestActivities(engine, key_store)
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[SigningRequestWorkflow],
+        activities=[acts.persist_request, acts.issue_grant, acts.sign_artifact, acts.claim_pre_approval],
+        activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
+        max_concurrent_activities=32,
+    )
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    from api.main import build_key_store
+    from core.temporal import connect
+    from store.db import make_engine
+
+    engine = make_engine(settings.effective_database_url)
+    key_store = build_key_store(settings)
+    client = await connect(settings)
+    worker = build_worker(client, settings, engine, key_store)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    log.info("worker polling task queue %s at %s", settings.task_queue, settings.temporal_address)
+    async with worker:
+        await stop.wait()
+        log.info("worker shutting down")
+    engine.dispose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run_worker(Settings()))
+
+
+if __name__ == "__main__":
+    main()

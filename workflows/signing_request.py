@@ -1,0 +1,379 @@
+"""SigningRequestWorkflow: one durable workflow per signing request.
+
+It owns the approval lifecycle: it walks the policy's steps in order on approve/reject/cancel
+updates, honours machine bypass and pre-approvals, expires the request on a durable timer,
+and on approval has an activity issue the grant (and sign the artifact, when there is one).
+Every transition is written to the database through an activity, in order, before the update
+that caused it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from core.schemas import (
+        Approval,
+        AuditNote,
+        ClaimPreApprovalInput,
+        DecisionInput,
+        IssuedGrant,
+        IssueGrantInput,
+        PersistRequestInput,
+        PreApprovalSignal,
+        RequestState,
+        SignArtifactInput,
+        SignArtifactOutcome,
+        SigningRequestInput,
+    )
+    from core.temporal import (
+        REQUESTER_NAME,
+        SIGNER_NAME,
+        SIGNING_POLICY,
+        SIGNING_STATUS,
+    )
+
+NOT_ELIGIBLE = "NotEligible"
+REQUEST_NOT_OPEN = "RequestNotOpen"
+
+ACTIVITY_TIMEOUT = timedelta(seconds=30)
+ACTIVITY_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+)
+
+
+@workflow.defn(name="SigningRequestWorkflow")
+class SigningRequestWorkflow:
+    @workflow.init
+    def __init__(self, input: SigningRequestInput) -> None:
+        self._request: RequestState = input.request.model_copy(deep=True)
+        self._policy = input.policy
+        self._granting = False
+        self._pre_approval_pending = False
+        self._persist_lock = asyncio.Lock()
+        if self._request.steps and self._request.current_step is None:
+            self._request.current_step = 0
+            self._request.steps[0].status = "in-progress"
+
+    # ----------------------------------------------------------------- run
+    @workflow.run
+    async def run(self, input: SigningRequestInput) -> RequestState:
+        request = self._request
+        await self._persist(
+            [
+                AuditNote(
+                    action="signing_request.opened",
+                    actor_id=request.requester_id,
+                    actor_name=request.requester_name,
+                    data={
+                        "signerId": request.signer_id,
+                        "signerName": request.signer_name,
+                        "signingPolicyId": request.signing_policy_id,
+                        "originalRequestId": request.original_request_id,
+                        "artifact": request.artifact.model_dump() if request.artifact else None,
+                    },
+                )
+            ]
+        )
+        if not request.steps:
+            await self._approve_without_steps(None, "no approval steps")
+        elif (
+            self._policy is not None
+            and self._policy.allow_machine_bypass
+            and request.requester_kind == "machine"
+        ):
+            await self._approve_without_steps("machine", "machine bypass")
+        else:
+            await self._try_pre_approval()
+        await self._wait_for_decision()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._request
+
+    async def _wait_for_decision(self) -> None:
+        request = self._request
+        while request.status == "open":
+            remaining = (request.expires_at - workflow.now()).total_seconds()
+            if remaining <= 0 and not self._granting:
+                await self._close("expired", None, None, "expired")
+                return
+            try:
+                await workflow.wait_condition(
+                    lambda: request.status != "open" or self._pre_approval_pending,
+                    timeout=max(remaining, 0.001) if not self._granting else None,
+                )
+            except TimeoutError:
+                if request.status == "open" and not self._granting:
+                    await self._close("expired", None, None, "expired")
+                continue
+            if self._pre_approval_pending and request.status == "open" and not self._granting:
+                self._pre_approval_pending = False
+                await self._try_pre_approval()
+            elif self._granting:
+                await workflow.wait_condition(lambda: request.status != "open")
+
+    async def _try_pre_approval(self) -> None:
+        request = self._request
+        if request.status != "open" or self._granting:
+            return
+        executable = request.client_metadata.get("signingExecutable")
+        claimed: str | None = await workflow.execute_activity(
+            "claim_pre_approval",
+            ClaimPreApprovalInput(
+                request_id=request.id,
+                signer_id=request.signer_id,
+                identity_id=request.requester_id,
+                ip_address=request.ip_address,
+                signing_executable=str(executable) if executable is not None else None,
+            ),
+            result_type=str,
+            start_to_close_timeout=ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+        )
+        if claimed and request.status == "open" and not self._granting:
+            request.pre_approval_id = claimed
+            await self._approve_without_steps("pre-approval", "pre-approval")
+
+    async def _approve_without_steps(self, bypass: str | None, reason: str) -> None:
+        request = self._request
+        self._granting = True
+        for step in request.steps:
+            step.status = "skipped"
+        request.current_step = None
+        if bypass == "machine":
+            request.bypass = "machine"
+        elif bypass == "pre-approval":
+            request.bypass = "pre-approval"
+        await self._grant_and_finish(
+            [
+                AuditNote(
+                    action="signing_request.steps_skipped",
+                    actor_id=request.requester_id,
+                    actor_name=request.requester_name,
+                    data={"reason": reason, "preApprovalId": request.pre_approval_id},
+                )
+            ]
+        )
+
+    # ------------------------------------------------------------- updates
+    def _check_decidable(self, decision: DecisionInput) -> None:
+        request = self._request
+        if request.status != "open" or self._granting or request.current_step is None:
+            raise ApplicationError("the request is no longer open", type=REQUEST_NOT_OPEN)
+        if decision.actor_id == request.requester_id:
+            raise ApplicationError("nobody may decide their own request", type=NOT_ELIGIBLE)
+        step = request.steps[request.current_step]
+        if decision.actor_id not in step.approver_ids:
+            raise ApplicationError(
+                f"not among the approvers of step {step.name!r}", type=NOT_ELIGIBLE
+            )
+        if any(a.approver_id == decision.actor_id for a in step.approvals):
+            raise ApplicationError(
+                f"already decided in step {step.name!r}", type=NOT_ELIGIBLE
+            )
+
+    @workflow.update
+    async def approve(self, decision: DecisionInput) -> RequestState:
+        self._check_decidable(decision)
+        request = self._request
+        assert request.current_step is not None
+        index = request.current_step
+        step = request.steps[index]
+        step.approvals.append(
+            Approval(
+                approver_id=decision.actor_id,
+                approver_name=decision.actor_name,
+                decision="approved",
+                comment=decision.comment,
+                at=workflow.now(),
+            )
+        )
+        notes = [
+            AuditNote(
+                action="signing_request.approval",
+                actor_id=decision.actor_id,
+                actor_name=decision.actor_name,
+                data={"step": step.name, "stepIndex": index, "comment": decision.comment},
+            )
+        ]
+        approved = sum(1 for a in step.approvals if a.decision == "approved")
+        if approved < step.required_approvals:
+            await self._persist(notes)
+            return self._request
+        step.status = "completed"
+        notes.append(AuditNote(action="signing_request.step_completed", data={"step": step.name}))
+        if index + 1 < len(request.steps):
+            request.current_step = index + 1
+            request.steps[index + 1].status = "in-progress"
+            await self._persist(notes)
+            return self._request
+        request.current_step = None
+        self._granting = True
+        await self._grant_and_finish(notes)
+        return self._request
+
+    @approve.validator
+    def _validate_approve(self, decision: DecisionInput) -> None:
+        self._check_decidable(decision)
+
+    @workflow.update
+    async def reject(self, decision: DecisionInput) -> RequestState:
+        self._check_decidable(decision)
+        request = self._request
+        assert request.current_step is not None
+        step = request.steps[request.current_step]
+        step.approvals.append(
+            Approval(
+                approver_id=decision.actor_id,
+                approver_name=decision.actor_name,
+                decision="rejected",
+                comment=decision.comment,
+                at=workflow.now(),
+            )
+        )
+        await self._close("rejected", decision, decision.comment, "rejected")
+        return self._request
+
+    @reject.validator
+    def _validate_reject(self, decision: DecisionInput) -> None:
+        self._check_decidable(decision)
+
+    @workflow.update
+    async def cancel(self, decision: DecisionInput) -> RequestState:
+        self._check_cancellable(decision)
+        await self._close("cancelled", decision, decision.comment, "cancelled")
+        return self._request
+
+    @cancel.validator
+    def _validate_cancel(self, decision: DecisionInput) -> None:
+        self._check_cancellable(decision)
+
+    def _check_cancellable(self, decision: DecisionInput) -> None:
+        request = self._request
+        if request.status != "open" or self._granting:
+            raise ApplicationError("the request is no longer open", type=REQUEST_NOT_OPEN)
+        if decision.actor_id != request.requester_id and not decision.actor_is_admin:
+            raise ApplicationError("only the requester or an admin may cancel", type=NOT_ELIGIBLE)
+
+    @workflow.signal
+    def pre_approval_available(self, signal: PreApprovalSignal) -> None:
+        self._pre_approval_pending = True
+
+    @workflow.query
+    def state(self) -> RequestState:
+        return self._request
+
+    # ------------------------------------------------------------ helpers
+    async def _close(
+        self, status: str, actor: DecisionInput | None, comment: str | None, action: str
+    ) -> None:
+        request = self._request
+        request.status = status  # type: ignore[assignment]
+        request.closed_at = workflow.now()
+        request.closed_by = actor.actor_id if actor else None
+        request.close_comment = comment
+        if request.current_step is not None:
+            current = request.steps[request.current_step]
+            if status == "rejected":
+                current.status = "completed"
+        await self._persist(
+            [
+                AuditNote(
+                    action=f"signing_request.{action}",
+                    actor_id=actor.actor_id if actor else None,
+                    actor_name=actor.actor_name if actor else "system",
+                    data={"comment": comment, "step": request.current_step},
+                )
+            ]
+        )
+
+    async def _grant_and_finish(self, notes: list[AuditNote]) -> None:
+        """Issue the grant, sign the artifact if any, then mark the request approved.
+
+        The status turns `approved` only once the grant exists, so a client that sees it can sign.
+        """
+        request = self._request
+        await self._persist(notes)
+        now = workflow.now()
+        if request.window_fixed:
+            valid_from, valid_until = request.valid_from, request.valid_until
+        else:
+            valid_from = now
+            valid_until = now + timedelta(seconds=request.window_seconds)
+        issued: IssuedGrant = await workflow.execute_activity(
+            "issue_grant",
+            IssueGrantInput(
+                request_id=request.id,
+                signer_id=request.signer_id,
+                identity_id=request.requester_id,
+                valid_from=valid_from,
+                valid_until=valid_until,
+                allowed_sign_operations=request.allowed_sign_operations,
+            ),
+            result_type=IssuedGrant,
+            start_to_close_timeout=ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+        )
+        request.grant_id = issued.grant_id
+        request.valid_from = issued.valid_from
+        request.valid_until = issued.valid_until
+        if request.artifact is not None:
+            outcome: SignArtifactOutcome = await workflow.execute_activity(
+                "sign_artifact",
+                SignArtifactInput(
+                    request_id=request.id,
+                    grant_id=issued.grant_id,
+                    signer_id=request.signer_id,
+                    identity_id=request.requester_id,
+                    artifact=request.artifact,
+                    client_metadata=request.client_metadata,
+                    ip_address=request.ip_address,
+                ),
+                result_type=SignArtifactOutcome,
+                start_to_close_timeout=ACTIVITY_TIMEOUT,
+                retry_policy=ACTIVITY_RETRY,
+            )
+            request.signature = outcome.signature
+            request.signing_error = outcome.error
+        request.status = "approved"
+        request.closed_at = workflow.now()
+        self._granting = False
+        await self._persist(
+            [
+                AuditNote(
+                    action="signing_request.approved",
+                    actor_name="system",
+                    data={
+                        "grantId": request.grant_id,
+                        "signed": request.signature is not None,
+                        "signingError": request.signing_error,
+                    },
+                )
+            ]
+        )
+
+    async def _persist(self, notes: list[AuditNote]) -> None:
+        """Write the whole request to the database, one version at a time, in order."""
+        async with self._persist_lock:
+            self._request.version += 1
+            snapshot = self._request.model_copy(deep=True)
+            await workflow.execute_activity(
+                "persist_request",
+                PersistRequestInput(state=snapshot, notes=notes),
+                start_to_close_timeout=ACTIVITY_TIMEOUT,
+                retry_policy=ACTIVITY_RETRY,
+            )
+        workflow.upsert_search_attributes(
+            [
+                SIGNING_STATUS.value_set(self._request.status),
+                SIGNER_NAME.value_set(self._request.signer_name),
+                REQUESTER_NAME.value_set(self._request.requester_name),
+                SIGNING_POLICY.value_set(self._request.signing_policy_name or "none"),
+            ]
+        )
