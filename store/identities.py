@@ -145,3 +145,23 @@ def revoke_token(*, session: Session, identity_id: str, token_id: str, actor: au
             entity_id=identity_id,
             data={"tokenId": token_id},
         )
+
+
+def bootstrap_admin(engine: Engine, *, name: str = "admin") -> str | None:
+    """Create the first admin identity and return its token, or None when one exists already."""
+    from store.db import session_scope
+
+    with session_scope(engine) as session:
+        identity = session.exec(select(Identity).where(Identity.name == name)).first()  # type: ignore[call-overload]
+        if identity is not None:
+            return None
+        system = audit.Actor(id=None, name="bootstrap")
+        created = create_identity(session=session, name=name, kind="user", email=None, actor=system)
+        _, token = issue_token(
+            session=session,
+            identity_id=created.id,
+            scopes=["admin", "audit:read"],
+            ttl_seconds=None,
+            actor=system,
+        )
+        return token
