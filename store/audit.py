@@ -3,24 +3,35 @@
 An event is written in the same transaction as the change it records. The chain head lives in
 one row that every append updates first, so concurrent writers (several API processes and
 workers on PostgreSQL) queue on its row lock and sequence numbers have no gaps; a rolled-back
-change rolls back its sequence number with it.
+change rolls back its sequence number with it. The head row stays locked until the caller
+commits, so record an event after the change it describes: the head is then the last lock a
+transaction takes, and two writers can never wait on each other in a cycle.
+
+Each hash is ``sha256(prev_hash + canonical_json(content))`` where content holds every stored
+field but the two hashes (see `event_hash`); an exported event therefore carries all an outside
+auditor needs to recompute the chain.
 """
 
 from __future__ import annotations
 
+import base64
+import enum
 import hashlib
 import json
+import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import date, datetime
+from typing import Any, Protocol, cast
 
-from sqlalchemy import text
-from sqlmodel import Session, select
+from pydantic import BaseModel
+from sqlalchemy import select as sa_select
+from sqlalchemy import text, true
+from sqlmodel import Session
 
 from core.timeutil import rfc3339, utcnow
-from store.models import AuditEvent
+from store.models import AuditEvent, AuditHead
 
 GENESIS_HASH = "0" * 64
 
@@ -67,6 +78,48 @@ def event_hash(
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
 
 
+def to_json_value(value: Any) -> Any:
+    """The JSON value an event stores for `value`, chosen so it reads back identically.
+
+    Whatever comes back from SQLite's or PostgreSQL's JSON column must hash as it did when it
+    was written: so times become RFC 3339 text, bytes base64, tuples lists, and values JSON
+    (or PostgreSQL) cannot hold (NaN, unpaired surrogates) become text.
+    """
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return _valid_text(value)
+    if isinstance(value, Mapping):
+        return {_valid_text(str(k)): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, set | frozenset):
+        items = [to_json_value(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, datetime):
+        return rfc3339(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, enum.Enum):
+        return to_json_value(value.value)
+    if isinstance(value, BaseModel):
+        return to_json_value(value.model_dump(mode="json", by_alias=True))
+    return _valid_text(str(value))
+
+
+def _valid_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    # PostgreSQL text cannot hold NUL, and a JSON column may be read back as text.
+    return value.replace("\x00", "\ufffd")
+
+
 def record(
     session: Session,
     *,
@@ -78,11 +131,9 @@ def record(
     request_id: str | None = None,
 ) -> AuditEvent:
     """Append one event to the chain inside the caller's transaction."""
-    row = session.execute(
-        text("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-    ).one()
+    row = session.execute(text("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")).one()
     seq, prev_hash = int(row[0]), str(row[1])
-    payload = json.loads(json.dumps(data or {}, default=str))
+    payload = cast(dict[str, Any], to_json_value(data or {}))
     event_id = str(uuid.uuid4())
     at = utcnow()
     digest = event_hash(
@@ -120,27 +171,66 @@ def record(
     return event
 
 
+class ChainedEvent(Protocol):
+    """What verification reads of a stored event: an AuditEvent or a row of its table."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def actor_id(self) -> str | None: ...
+    @property
+    def actor_name(self) -> str | None: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def entity_type(self) -> str: ...
+    @property
+    def entity_id(self) -> str: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+    @property
+    def ip_address(self) -> str | None: ...
+    @property
+    def prev_hash(self) -> str: ...
+    @property
+    def hash(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class ChainReport:
     valid: bool
     count: int
     head_hash: str
     first_broken_seq: int | None
+    head_seq: int = 0
 
 
-def verify_chain(events: Iterable[AuditEvent], head_seq: int, head_hash: str) -> ChainReport:
+def verify_chain(events: Iterable[ChainedEvent], head_seq: int, head_hash: str) -> ChainReport:
     """Recompute every hash in sequence order; name the first sequence number that fails.
 
-    A deleted row shows as a gap, a reordered or altered row as a hash mismatch, and a
-    truncated tail as a head that no longer matches the last event.
+    `events` must come in ascending seq order. A deleted row shows as a gap (the missing seq is
+    named), an altered row as a hash mismatch, two rows whose seqs were swapped as a mismatch at
+    the lower one (seq and prev_hash are hashed), a truncated tail as a head that points past
+    the last event (the first missing seq is named), and rows appended behind the head's back
+    as events past it. `count` is the number of events stored, broken or not.
     """
     prev = GENESIS_HASH
     expected_seq = 1
     count = 0
+    first_broken: int | None = None
     for ev in events:
         count += 1
+        if first_broken is not None:
+            continue
         if ev.seq != expected_seq:
-            return ChainReport(False, count, head_hash, expected_seq)
+            first_broken = expected_seq
+            continue
         recomputed = event_hash(
             prev_hash=prev,
             seq=ev.seq,
@@ -156,15 +246,50 @@ def verify_chain(events: Iterable[AuditEvent], head_seq: int, head_hash: str) ->
             ip_address=ev.ip_address,
         )
         if ev.prev_hash != prev or ev.hash != recomputed:
-            return ChainReport(False, count, head_hash, ev.seq)
+            first_broken = ev.seq
+            continue
         prev = ev.hash
         expected_seq += 1
-    if expected_seq - 1 != head_seq or prev != head_hash:
-        return ChainReport(False, count, head_hash, expected_seq if expected_seq <= head_seq else head_seq)
-    return ChainReport(True, count, head_hash, None)
+    if first_broken is None:
+        last_seq = expected_seq - 1
+        if last_seq < head_seq:
+            first_broken = last_seq + 1
+        elif last_seq > head_seq:
+            first_broken = head_seq + 1
+        elif prev != head_hash:
+            first_broken = max(head_seq, 1)
+    return ChainReport(first_broken is None, count, head_hash, first_broken, head_seq)
 
 
 def verify(session: Session) -> ChainReport:
-    head = session.execute(text("SELECT seq, hash FROM audit_head WHERE id = 1")).one()
-    events = session.exec(select(AuditEvent).order_by(AuditEvent.seq)).yield_per(1000)  # type: ignore[arg-type]
-    return verify_chain(events, int(head[0]), str(head[1]))
+    """Verify the chain as one snapshot: head and events are read by a single statement.
+
+    Under PostgreSQL's READ COMMITTED two statements may see different commits, and a writer
+    committing between them would look like a truncated or overrun chain.
+    """
+    head_table = AuditHead.__table__  # type: ignore[attr-defined]
+    events_table = AuditEvent.__table__  # type: ignore[attr-defined]
+    statement = (
+        sa_select(
+            head_table.c.seq.label("head_seq"),
+            head_table.c.hash.label("head_hash"),
+            *events_table.c,
+        )
+        .select_from(head_table.outerjoin(events_table, true()))
+        .where(head_table.c.id == 1)
+        .order_by(events_table.c.seq)
+        .execution_options(yield_per=1000)
+    )
+    rows = iter(session.execute(statement))
+    first = next(rows, None)
+    if first is None:
+        raise RuntimeError("the audit_head row is missing: the database is not migrated")
+    head_seq, head_hash = int(first.head_seq), str(first.head_hash)
+
+    def stored_events() -> Iterable[ChainedEvent]:
+        if first.seq is not None:
+            yield cast(ChainedEvent, first)
+        for row in rows:
+            yield cast(ChainedEvent, row)
+
+    return verify_chain(stored_events(), head_seq, head_hash)

@@ -1,0 +1,177 @@
+"""Opening signing requests: resolve the signer and policy, check the ceilings, build the state."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from core.errors import BadRequest, Conflict, Forbidden, NotFound, PolicyViolation
+from core.schemas import Artifact, PolicySnapshot, RequestState, SigningRequestInput, StepState
+from core.temporal import workflow_id_for
+from core.timeutil import as_utc, utcnow
+from store.identities import Principal
+from store.models import Certificate, Signer, SignerMember, SigningPolicy, SigningRequest
+from store.policies import snapshot
+
+DEFAULT_WINDOW_SECONDS = 3600
+DEFAULT_OPERATIONS = 1
+DIGEST_SIZES = {"SHA256": 32, "SHA384": 48, "SHA512": 64}
+
+
+def is_member(session: Session, signer_id: str, identity_id: str) -> bool:
+    return (
+        session.execute(
+            select(SignerMember.signer_id).where(  # type: ignore[call-overload]
+                SignerMember.signer_id == signer_id, SignerMember.identity_id == identity_id
+            )
+        ).first()
+        is not None
+    )
+
+
+def load_request(session: Session, request_id: str) -> SigningRequest:
+    row = session.get(SigningRequest, request_id)
+    if row is None:
+        raise NotFound("no such signing request")
+    return row
+
+
+def state_of(row: SigningRequest) -> RequestState:
+    return RequestState.model_validate(row.state)
+
+
+def resubmission_ids(session: Session, request_id: str) -> list[str]:
+    rows = session.execute(
+        select(SigningRequest.id)  # type: ignore[call-overload]
+        .where(SigningRequest.original_request_id == request_id)
+        .order_by(SigningRequest.created_at)
+    ).all()
+    return [r[0] for r in rows]
+
+
+def _check_artifact(artifact: Artifact, key_algorithm: str) -> None:
+    from pki.algorithms import check_algorithm, hash_name
+
+    check_algorithm(key_algorithm, artifact.signing_algorithm)
+    try:
+        digest = base64.b64decode(artifact.digest, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest("artifact.digest is not valid base64", code="invalid_data") from exc
+    if len(digest) != DIGEST_SIZES[artifact.digest_algorithm]:
+        raise BadRequest(
+            f"a {artifact.digest_algorithm} digest is {DIGEST_SIZES[artifact.digest_algorithm]} bytes",
+            code="invalid_digest_length",
+        )
+    if hash_name(artifact.signing_algorithm) != artifact.digest_algorithm:
+        raise BadRequest(
+            f"{artifact.signing_algorithm} signs {hash_name(artifact.signing_algorithm)} digests, "
+            f"not {artifact.digest_algorithm}",
+            code="unsupported_algorithm",
+        )
+
+
+def build_request(
+    *,
+    session: Session,
+    principal: Principal,
+    signer_id: str,
+    valid_from: datetime | None,
+    valid_until: datetime | None,
+    allowed_sign_operations: int | None,
+    justification: str | None,
+    artifact: Artifact | None,
+    origin: dict[str, str],
+    client_metadata: dict[str, Any],
+    ip_address: str | None,
+    original_request_id: str | None = None,
+    request_id: str | None = None,
+) -> SigningRequestInput:
+    """Everything the workflow needs, checked against the signer's policy as it stands now."""
+    signer = session.get(Signer, signer_id)
+    if signer is None:
+        raise NotFound("no such signer")
+    if not is_member(session, signer_id, principal.identity_id):
+        raise Forbidden("you are not a member of this signer")
+    if signer.status != "active":
+        raise Conflict("the signer is disabled", code="signer_unavailable")
+    certificate = session.get(Certificate, signer.certificate_id)
+    assert certificate is not None
+    if certificate.status != "active":
+        raise Conflict("the signer's certificate is not active", code="signer_unavailable")
+    now = utcnow()
+    if certificate.not_after is not None and certificate.not_after <= now:
+        raise Conflict("the signer's certificate has expired", code="signer_unavailable")
+    policy: PolicySnapshot | None = None
+    policy_name: str | None = None
+    if signer.signing_policy_id:
+        row = session.get(SigningPolicy, signer.signing_policy_id)
+        if row is not None:
+            policy = snapshot(row)
+            policy_name = row.name
+    if artifact is not None:
+        _check_artifact(artifact, certificate.key_algorithm)
+
+    max_window = policy.max_window_seconds if policy else None
+    max_ops = policy.max_signings if policy else None
+    window_fixed = valid_from is not None or valid_until is not None
+    start = as_utc(valid_from) if valid_from is not None else now
+    if valid_until is not None:
+        end = as_utc(valid_until)
+        if end <= start:
+            raise BadRequest("validUntil must be after validFrom", code="invalid_request")
+        if end <= now:
+            raise BadRequest("validUntil lies in the past", code="invalid_request")
+    else:
+        end = start + timedelta(seconds=max_window or DEFAULT_WINDOW_SECONDS)
+    window_seconds = int((end - start).total_seconds())
+    if max_window is not None and window_seconds > max_window:
+        raise PolicyViolation(
+            f"the window of {window_seconds}s exceeds the policy's maximum of {max_window}s"
+        )
+    operations = allowed_sign_operations or max_ops or DEFAULT_OPERATIONS
+    if max_ops is not None and operations > max_ops:
+        raise PolicyViolation(f"{operations} operations exceed the policy's maximum of {max_ops}")
+
+    request_id = request_id or str(uuid.uuid4())
+    ttl = policy.request_ttl_seconds if policy else 604800
+    steps = (
+        [
+            StepState(name=s.name, required_approvals=s.required_approvals, approver_ids=list(s.approver_ids))
+            for s in policy.steps
+        ]
+        if policy
+        else []
+    )
+    state = RequestState(
+        id=request_id,
+        workflow_id=workflow_id_for(request_id),
+        signer_id=signer.id,
+        signer_name=signer.name,
+        certificate_id=certificate.id,
+        signing_policy_id=policy.id if policy else None,
+        signing_policy_name=policy_name,
+        requester_id=principal.identity_id,
+        requester_name=principal.name,
+        requester_kind=principal.kind,
+        justification=justification,
+        valid_from=start,
+        valid_until=end,
+        window_seconds=window_seconds,
+        window_fixed=window_fixed,
+        allowed_sign_operations=operations,
+        artifact=artifact,
+        origin=origin,
+        client_metadata=client_metadata,
+        ip_address=ip_address,
+        steps=steps,
+        original_request_id=original_request_id,
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl),
+    )
+    return SigningRequestInput(request=state, policy=policy)
