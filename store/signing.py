@@ -1,27 +1,31 @@
 """The sign path: resolve the signer, consume one grant operation atomically, sign, record.
 
-Grant consumption is one conditional UPDATE ... RETURNING, in the same transaction as the
-signing-operation row and its audit event, so concurrent callers (threads, API processes)
-can never overspend a grant and no signature exists without its record. A failed signature
-rolls the consumption back.
+One transaction carries the whole attempt: the signer lookup, the grant consumption (a
+conditional UPDATE ... RETURNING, so concurrent callers in threads or other API processes
+can never overspend a grant), the signature and the signing-operation row with its audit
+event. No signature therefore leaves the server without its record, and a failed signature
+rolls the consumption back before the failure itself is recorded.
+
+Input is checked before anything is written: a malformed request changes nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Engine, and_, select, update
+from sqlalchemy import Engine, and_, case, select, update
 from sqlmodel import Session
 
-from core.errors import ApprovalRequired, BadRequest, Conflict, NotFound
-from core.timeutil import utcnow
+from core.errors import ApprovalRequired, BadRequest, Conflict, NotFound, SigngateError
+from core.timeutil import as_utc, utcnow
 from store import audit
 from store.db import session_scope
 from store.models import Certificate, Grant, Signer, SigningOperation, SigningRequest
@@ -29,6 +33,19 @@ from store.models import Certificate, Grant, Signer, SigningOperation, SigningRe
 log = logging.getLogger(__name__)
 
 MAX_DATA_BYTES = 128
+# Base64 of MAX_DATA_BYTES is 172 characters; anything far longer is refused before decoding.
+_MAX_DATA_TEXT = 1024
+
+
+class SigningFailed(SigngateError):
+    """The server could not produce a signature (key store, library): not the caller's fault."""
+
+    status_code = 500
+    code = "signing_failed"
+
+
+class CachingKeyStore(Protocol):
+    def load_cached(self, cache_key: str, key_ref: bytes) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -76,17 +93,39 @@ def load_signer_key(session: Session, signer_id: str) -> SignerKey:
     return SignerKey(*row)
 
 
+def strict_b64decode(text: str) -> bytes | None:
+    """Standard base64 in its one canonical form, or None.
+
+    Python's decoder also takes surplus padding and non-zero trailing bits, so two different
+    strings could stand for the same bytes; only the canonical encoding is accepted.
+    """
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if base64.b64encode(raw).decode("ascii") != text:
+        return None
+    return raw
+
+
+def decode_data(data_b64: str) -> bytes:
+    """Decode the caller's base64 data, refusing oversized input before decoding it."""
+    if len(data_b64) > _MAX_DATA_TEXT:
+        raise BadRequest(f"data must be at most {MAX_DATA_BYTES} bytes", code="data_too_large")
+    data = strict_b64decode(data_b64)
+    if data is None:
+        raise BadRequest("data is not valid base64", code="invalid_data")
+    if len(data) > MAX_DATA_BYTES:
+        raise BadRequest(f"data must be at most {MAX_DATA_BYTES} bytes", code="data_too_large")
+    return data
+
+
 def decode_sign_data(data_b64: str, signing_algorithm: str, key_algorithm: str, is_digest: bool) -> bytes:
     """Check the input before anything is recorded: bad input changes nothing."""
     from pki.algorithms import check_algorithm, digest_size
 
     check_algorithm(key_algorithm, signing_algorithm)
-    try:
-        data = base64.b64decode(data_b64, validate=True)
-    except ValueError as exc:
-        raise BadRequest("data is not valid base64", code="invalid_data") from exc
-    if len(data) > MAX_DATA_BYTES:
-        raise BadRequest(f"data must be at most {MAX_DATA_BYTES} bytes", code="data_too_large")
+    data = decode_data(data_b64)
     if is_digest and len(data) != digest_size(signing_algorithm):
         raise BadRequest(
             f"a {signing_algorithm} digest is {digest_size(signing_algorithm)} bytes, got {len(data)}",
@@ -97,15 +136,16 @@ def decode_sign_data(data_b64: str, signing_algorithm: str, key_algorithm: str, 
     return data
 
 
-def signer_refusal(key: SignerKey, now: datetime) -> str | None:
+def signer_refusal(key: SignerKey, now: datetime) -> Conflict | None:
+    """Why the signer cannot sign right now (409), or None; checked on every call, never cached."""
     if key.status != "active":
-        return "the signer is disabled"
+        return Conflict("the signer is disabled", code="signer_disabled")
     if key.certificate_status != "active":
-        return "the signer's certificate is not active"
-    if key.not_before is not None and now < key.not_before:
-        return "the signer's certificate is not yet valid"
-    if key.not_after is not None and now >= key.not_after:
-        return "the signer's certificate has expired"
+        return Conflict("the signer's certificate is not active", code="certificate_not_active")
+    if key.not_before is not None and now < as_utc(key.not_before):
+        return Conflict("the signer's certificate is not yet valid", code="certificate_not_yet_valid")
+    if key.not_after is not None and now >= as_utc(key.not_after):
+        return Conflict("the signer's certificate has expired", code="certificate_expired")
     return None
 
 
@@ -147,7 +187,10 @@ def consume_grant(
             )
             .values(
                 used_sign_operations=Grant.used_sign_operations + 1,
-                status=_exhausted_case(),
+                status=case(
+                    (Grant.used_sign_operations + 1 >= Grant.allowed_sign_operations, "exhausted"),  # type: ignore[operator]
+                    else_=Grant.status,
+                ),
             )
             .returning(Grant.id, Grant.request_id)  # type: ignore[arg-type]
         ).first()
@@ -158,60 +201,58 @@ def consume_grant(
     return None
 
 
-def _exhausted_case() -> Any:
-    from sqlalchemy import case
+@dataclass(frozen=True)
+class _Attempt:
+    """What one call is about, so each outcome records the same facts."""
 
-    return case(
-        (Grant.used_sign_operations + 1 >= Grant.allowed_sign_operations, "exhausted"),  # type: ignore[operator]
-        else_=Grant.status,
-    )
+    operation_id: str
+    key: SignerKey
+    actor: audit.Actor
+    signing_algorithm: str
+    data_sha256: str
+    client_metadata: dict[str, Any] | None
+    now: datetime
 
 
 def _record_operation(
     session: Session,
+    attempt: _Attempt,
     *,
-    operation_id: str,
-    key: SignerKey,
-    actor: audit.Actor,
     status: str,
-    signing_algorithm: str,
-    data: bytes,
     grant_id: str | None,
     request_id: str | None,
-    client_metadata: dict[str, Any] | None,
     error: str | None,
-    now: datetime,
 ) -> None:
-    data_sha256 = hashlib.sha256(data).hexdigest()
+    key = attempt.key
     session.add(
         SigningOperation(
-            id=operation_id,
-            at=now,
+            id=attempt.operation_id,
+            at=attempt.now,
             signer_id=key.signer_id,
-            actor_id=actor.id or "system",
+            actor_id=attempt.actor.id or "system",
             status=status,
-            signing_algorithm=signing_algorithm,
-            data_sha256=data_sha256,
+            signing_algorithm=attempt.signing_algorithm,
+            data_sha256=attempt.data_sha256,
             grant_id=grant_id,
             request_id=request_id,
-            client_metadata=client_metadata,
-            ip_address=actor.ip_address,
+            client_metadata=attempt.client_metadata,
+            ip_address=attempt.actor.ip_address,
             error=error,
         )
     )
     audit.record(
         session,
-        actor=actor,
+        actor=attempt.actor,
         action=f"signing_operation.{status}",
         entity_type="signing_operation",
-        entity_id=operation_id,
+        entity_id=attempt.operation_id,
         request_id=request_id,
         data={
             "signerId": key.signer_id,
             "signerName": key.signer_name,
             "grantId": grant_id,
-            "signingAlgorithm": signing_algorithm,
-            "dataSha256": data_sha256,
+            "signingAlgorithm": attempt.signing_algorithm,
+            "dataSha256": attempt.data_sha256,
             "error": error,
         },
     )
@@ -227,28 +268,24 @@ def record_denied(
     client_metadata: dict[str, Any] | None,
     error: str,
 ) -> str:
-    operation_id = str(uuid.uuid4())
+    """Record a refusal decided outside `sign` (its own transaction); returns the operation id."""
+    attempt = _Attempt(
+        operation_id=str(uuid.uuid4()),
+        key=key,
+        actor=actor,
+        signing_algorithm=signing_algorithm,
+        data_sha256=hashlib.sha256(data).hexdigest(),
+        client_metadata=client_metadata,
+        now=utcnow(),
+    )
     with session_scope(engine) as session:
-        _record_operation(
-            session,
-            operation_id=operation_id,
-            key=key,
-            actor=actor,
-            status="denied",
-            signing_algorithm=signing_algorithm,
-            data=data,
-            grant_id=None,
-            request_id=None,
-            client_metadata=client_metadata,
-            error=error,
-            now=utcnow(),
-        )
-    return operation_id
+        _record_operation(session, attempt, status="denied", grant_id=None, request_id=None, error=error)
+    return attempt.operation_id
 
 
 def sign(
     engine: Engine,
-    key_store: Any,
+    key_store: CachingKeyStore,
     *,
     signer_id: str,
     actor: audit.Actor,
@@ -261,36 +298,45 @@ def sign(
     store_signature_on_request: str | None = None,
     producer: Callable[[Any], bytes] | None = None,
 ) -> SignResult:
-    """Sign for `actor` under the signer's rules, recording the attempt whatever its outcome."""
-    from pki.errors import PkiError
+    """Sign for `actor` under the signer's rules, recording the attempt whatever its outcome.
+
+    The caller has already checked who may use the signer (membership, scope). `producer`
+    replaces the raw signature (CMS for artifacts); `require_grant` forces or waives the grant
+    regardless of the signer's policy; `grant_id` pins the grant to consume.
+    """
+    from pki.errors import KeyDecryptionError, PkiError, SigningError
     from pki.signing import sign as pki_sign
 
+    now = utcnow()
+    refusal: SigngateError | None = None
     with session_scope(engine) as session:
         key = load_signer_key(session, signer_id)
-    data = decode_sign_data(data_b64, signing_algorithm, key.key_algorithm, is_digest)
-    now = utcnow()
-    refusal = signer_refusal(key, now)
-    if refusal is not None:
-        record_denied(
-            engine, key=key, actor=actor, signing_algorithm=signing_algorithm, data=data,
-            client_metadata=client_metadata, error=refusal,
+        data = decode_sign_data(data_b64, signing_algorithm, key.key_algorithm, is_digest)
+        attempt = _Attempt(
+            operation_id=str(uuid.uuid4()),
+            key=key,
+            actor=actor,
+            signing_algorithm=signing_algorithm,
+            data_sha256=hashlib.sha256(data).hexdigest(),
+            client_metadata=client_metadata,
+            now=now,
         )
-        raise Conflict(refusal, code="signer_unavailable")
-    needs_grant = key.signing_policy_id is not None if require_grant is None else require_grant
-    operation_id = str(uuid.uuid4())
-    failure: str | None = None
-    with session_scope(engine) as session:
+        refusal = signer_refusal(key, now)
+        needs_grant = key.signing_policy_id is not None if require_grant is None else require_grant
         consumed: tuple[str, str] | None = None
-        if needs_grant:
+        if refusal is None and needs_grant:
             consumed = consume_grant(
                 session, signer_id=signer_id, identity_id=actor.id or "", now=now, grant_id=grant_id
             )
-        if needs_grant and consumed is None:
+            if consumed is None:
+                refusal = ApprovalRequired(
+                    "an approved grant for this signer is required; open a signing request"
+                )
+        if refusal is not None:
             _record_operation(
-                session, operation_id=operation_id, key=key, actor=actor, status="denied",
-                signing_algorithm=signing_algorithm, data=data, grant_id=grant_id, request_id=None,
-                client_metadata=client_metadata, error="no active grant with operations left", now=now,
-            )
+                session, attempt, status="denied", grant_id=grant_id, request_id=None,
+                error=refusal.description,
+            )  # fmt: skip
         else:
             try:
                 private_key = key_store.load_cached(key.certificate_id, key.sealed_key)
@@ -298,17 +344,26 @@ def sign(
                     signature = producer(private_key)
                 else:
                     signature = pki_sign(private_key, signing_algorithm, data, is_digest=is_digest)
-            except PkiError as exc:
+            except (SigningError, KeyDecryptionError) as exc:
                 log.warning("signing failed for signer %s: %s", key.signer_name, exc.code)
-                failure = "the signature could not be produced"
+                refusal = SigningFailed("the signature could not be produced")
+            except PkiError as exc:
+                # A request the producer (CMS) cannot serve: the caller's error, not the server's.
+                refusal = BadRequest(exc.message, code=exc.code)
+            except Exception:
+                log.exception("signing failed for signer %s", key.signer_name)
+                refusal = SigningFailed("the signature could not be produced")
+            if refusal is not None:
+                # Give back the grant operation, then record the failure on its own.
                 session.rollback()
-            else:
                 _record_operation(
-                    session, operation_id=operation_id, key=key, actor=actor, status="success",
-                    signing_algorithm=signing_algorithm, data=data,
-                    grant_id=consumed[0] if consumed else None,
-                    request_id=consumed[1] if consumed else None,
-                    client_metadata=client_metadata, error=None, now=now,
+                    session, attempt, status="failed", grant_id=None, request_id=None,
+                    error=refusal.description,
+                )  # fmt: skip
+            else:
+                grant, request = consumed if consumed is not None else (None, None)
+                _record_operation(
+                    session, attempt, status="success", grant_id=grant, request_id=request, error=None
                 )
                 if store_signature_on_request is not None:
                     session.execute(
@@ -316,23 +371,14 @@ def sign(
                         .where(SigningRequest.id == store_signature_on_request)  # type: ignore[arg-type]
                         .values(signature=base64.b64encode(signature).decode())
                     )
-                return SignResult(
+                result = SignResult(
                     signature=signature,
                     signing_algorithm=signing_algorithm,
                     signer_id=signer_id,
-                    grant_id=consumed[0] if consumed else None,
-                    operation_id=operation_id,
+                    grant_id=grant,
+                    operation_id=attempt.operation_id,
                 )
-    if failure is not None:
-        with session_scope(engine) as session:
-            _record_operation(
-                session, operation_id=operation_id, key=key, actor=actor, status="failed",
-                signing_algorithm=signing_algorithm, data=data, grant_id=None, request_id=None,
-                client_metadata=client_metadata, error=failure, now=now,
-            )
-        from core.errors import SigngateError
-
-        err = SigngateError(failure, code="signing_failed")
-        err.status_code = 500
-        raise err
-    raise ApprovalRequired("an approved grant for this signer is required; open a signing request")
+    # Raised only now, after the commit, so the record of a refused attempt is kept.
+    if refusal is not None:
+        raise refusal
+    return result

@@ -1,0 +1,332 @@
+"""Signers: management (admin), membership, the sign and verify calls, and the operation log.
+
+Who may touch a signer is decided by dependencies (`SignerAccess`), never by code at the top of
+a handler: signing needs `codesign:sign` and membership (admin alone is not enough); reading
+a signer, its certificate or verifying needs membership or admin.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import Field, model_validator
+
+from api.deps import (
+    ActorDep,
+    AdminPrincipal,
+    ContextDep,
+    CurrentPrincipal,
+    PageDep,
+    SessionDep,
+    actor_of,
+    require_any_scope,
+)
+from api.schemas import ApiModel, Page
+from core.errors import BadRequest, Forbidden, NotFound
+from pki.algorithms import supported_algorithms
+from store import signers as store
+from store import signing
+from store.db import session_scope
+from store.identities import Principal
+from store.models import Identity, Signer
+
+router = APIRouter(tags=["signers"])
+
+PEM_MEDIA_TYPE = "application/x-pem-file"
+MAX_CLIENT_METADATA_CHARS = 8192
+
+
+class SignerAccess:
+    """Dependency: the caller may use the signer named in the path.
+
+    `scope` is required on the token in any case; `admin_may` lets an admin through without
+    membership (reading), which signing never does. Unknown signer → 404, other refusals → 403.
+    """
+
+    def __init__(self, *, scope: str | None, admin_may: bool) -> None:
+        self.scope = scope
+        self.admin_may = admin_may
+
+    def __call__(self, signer_id: str, principal: CurrentPrincipal, ctx: ContextDep) -> Principal:
+        if self.scope is not None and not principal.has(self.scope):
+            raise Forbidden(f"this call needs the {self.scope} scope")
+        with session_scope(ctx.engine) as session:
+            member = store.membership(session, signer_id=signer_id, identity_id=principal.identity_id)
+        if member is None:
+            raise NotFound("no such signer")
+        if not member and not (self.admin_may and principal.is_admin):
+            raise Forbidden("the caller is not a member of this signer", code="not_member")
+        return principal
+
+
+SigningMember = Annotated[Principal, Depends(SignerAccess(scope="codesign:sign", admin_may=False))]
+MemberOrAdmin = Annotated[Principal, Depends(SignerAccess(scope=None, admin_may=True))]
+OperationsReader = Annotated[Principal, Depends(require_any_scope("admin", "audit:read"))]
+
+
+class SignerCreate(ApiModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = Field(default=None, max_length=4000)
+    certificate_id: str = Field(min_length=1, max_length=64)
+    signing_policy_id: str | None = Field(default=None, max_length=64)
+
+
+class SignerUpdate(ApiModel):
+    description: str | None = Field(default=None, max_length=4000)
+    signing_policy_id: str | None = Field(default=None, max_length=64)
+    status: Literal["active", "disabled"] | None = None
+    certificate_id: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _no_nulls_for_required(self) -> SignerUpdate:
+        for name in ("status", "certificate_id"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class SignerPublic(ApiModel):
+    id: str
+    name: str
+    description: str | None
+    certificate_id: str
+    signing_policy_id: str | None
+    status: str
+    key_algorithm: str
+    supported_algorithms: list[str]
+    created_at: datetime
+    updated_at: datetime
+
+
+class MembersSet(ApiModel):
+    identity_ids: list[str] = Field(max_length=store.MAX_MEMBERS)
+
+
+class MemberPublic(ApiModel):
+    id: str
+    name: str
+    kind: str
+
+
+class SignIn(ApiModel):
+    data: str
+    signing_algorithm: str = Field(max_length=64)
+    is_digest: bool = False
+    client_metadata: dict[str, Any] | None = None
+
+
+class SignOut(ApiModel):
+    signature: str
+    signing_algorithm: str
+    signer_id: str
+    grant_id: str | None
+    operation_id: str
+
+
+class VerifyIn(ApiModel):
+    data: str
+    signature: str
+    signing_algorithm: str = Field(max_length=64)
+    is_digest: bool = False
+
+
+class VerifyOut(ApiModel):
+    valid: bool
+
+
+class OperationPublic(ApiModel):
+    id: str
+    at: datetime
+    actor_id: str
+    actor_name: str | None
+    status: str
+    signing_algorithm: str
+    data_sha256: str
+    grant_id: str | None
+    request_id: str | None
+    client_metadata: dict[str, Any] | None
+    ip_address: str | None
+    error: str | None
+
+
+def public(signer: Signer, key_algorithm: str) -> SignerPublic:
+    return SignerPublic(
+        id=signer.id,
+        name=signer.name,
+        description=signer.description,
+        certificate_id=signer.certificate_id,
+        signing_policy_id=signer.signing_policy_id,
+        status=signer.status,
+        key_algorithm=key_algorithm,
+        supported_algorithms=supported_algorithms(key_algorithm),
+        created_at=signer.created_at,
+        updated_at=signer.updated_at,
+    )
+
+
+def _public_one(session: SessionDep, signer: Signer) -> SignerPublic:
+    return public(signer, store.key_algorithms(session, [signer.certificate_id])[signer.certificate_id])
+
+
+def _members_page(members: list[Identity]) -> Page[MemberPublic]:
+    return Page[MemberPublic](
+        items=[MemberPublic(id=m.id, name=m.name, kind=m.kind) for m in members], total=len(members)
+    )
+
+
+@router.post("/pki/signers", status_code=201, response_model=SignerPublic)
+def create_signer(
+    body: SignerCreate, session: SessionDep, _: AdminPrincipal, actor: ActorDep
+) -> SignerPublic:
+    signer = store.create_signer(
+        session=session,
+        name=body.name,
+        description=body.description,
+        certificate_id=body.certificate_id,
+        signing_policy_id=body.signing_policy_id,
+        actor=actor,
+    )
+    return _public_one(session, signer)
+
+
+@router.get("/pki/signers", response_model=Page[SignerPublic])
+def list_signers(session: SessionDep, principal: CurrentPrincipal, page: PageDep) -> Page[SignerPublic]:
+    """An admin sees every signer; anyone else the signers they are a member of."""
+    rows, total = store.list_signers(
+        session,
+        member_id=None if principal.is_admin else principal.identity_id,
+        limit=page.limit,
+        offset=page.offset,
+    )
+    algorithms = store.key_algorithms(session, sorted({r.certificate_id for r in rows}))
+    return Page[SignerPublic](items=[public(r, algorithms[r.certificate_id]) for r in rows], total=total)
+
+
+@router.get("/pki/signers/{signer_id}", response_model=SignerPublic)
+def get_signer(signer_id: str, session: SessionDep, _: MemberOrAdmin) -> SignerPublic:
+    return _public_one(session, store.get_signer(session, signer_id))
+
+
+@router.patch("/pki/signers/{signer_id}", response_model=SignerPublic)
+def update_signer(
+    signer_id: str,
+    body: SignerUpdate,
+    session: SessionDep,
+    ctx: ContextDep,
+    _: AdminPrincipal,
+    actor: ActorDep,
+) -> SignerPublic:
+    signer = store.update_signer(
+        session=session,
+        key_store=ctx.key_store,
+        signer_id=signer_id,
+        changes=body.model_dump(exclude_unset=True),
+        actor=actor,
+    )
+    return _public_one(session, signer)
+
+
+@router.delete("/pki/signers/{signer_id}", status_code=204)
+def delete_signer(
+    signer_id: str, session: SessionDep, ctx: ContextDep, _: AdminPrincipal, actor: ActorDep
+) -> Response:
+    store.delete_signer(session=session, key_store=ctx.key_store, signer_id=signer_id, actor=actor)
+    return Response(status_code=204)
+
+
+@router.put("/pki/signers/{signer_id}/members", response_model=Page[MemberPublic])
+def set_members(
+    signer_id: str, body: MembersSet, session: SessionDep, _: AdminPrincipal, actor: ActorDep
+) -> Page[MemberPublic]:
+    members = store.set_members(
+        session=session, signer_id=signer_id, identity_ids=body.identity_ids, actor=actor
+    )
+    return _members_page(members)
+
+
+@router.get("/pki/signers/{signer_id}/members", response_model=Page[MemberPublic])
+def list_members(signer_id: str, session: SessionDep, _: MemberOrAdmin) -> Page[MemberPublic]:
+    return _members_page(store.list_members(session, signer_id))
+
+
+@router.get(
+    "/pki/signers/{signer_id}/certificate",
+    response_class=Response,
+    responses={200: {"content": {PEM_MEDIA_TYPE: {}}}},
+)
+def get_certificate(signer_id: str, session: SessionDep, _: MemberOrAdmin) -> Response:
+    return Response(content=store.signer_chain_pem(session, signer_id), media_type=PEM_MEDIA_TYPE)
+
+
+@router.post("/pki/signers/{signer_id}/sign", response_model=SignOut)
+async def sign(
+    signer_id: str, body: SignIn, request: Request, principal: SigningMember, ctx: ContextDep
+) -> SignOut:
+    """Sign up to 128 bytes (or their digest); every attempt past input checks is recorded."""
+    if body.client_metadata is not None:
+        if len(json.dumps(body.client_metadata, default=str)) > MAX_CLIENT_METADATA_CHARS:
+            raise BadRequest(
+                f"clientMetadata must be at most {MAX_CLIENT_METADATA_CHARS} characters as JSON",
+                code="invalid_client_metadata",
+            )
+    result = await run_in_threadpool(
+        signing.sign,
+        ctx.engine,
+        ctx.key_store,
+        signer_id=signer_id,
+        actor=actor_of(principal, request),
+        signing_algorithm=body.signing_algorithm,
+        data_b64=body.data,
+        is_digest=body.is_digest,
+        client_metadata=body.client_metadata,
+    )
+    return SignOut(
+        signature=base64.b64encode(result.signature).decode("ascii"),
+        signing_algorithm=result.signing_algorithm,
+        signer_id=result.signer_id,
+        grant_id=result.grant_id,
+        operation_id=result.operation_id,
+    )
+
+
+@router.post("/pki/signers/{signer_id}/verify", response_model=VerifyOut)
+def verify(signer_id: str, body: VerifyIn, session: SessionDep, _: MemberOrAdmin) -> VerifyOut:
+    valid = store.verify_signature(
+        session=session,
+        signer_id=signer_id,
+        signing_algorithm=body.signing_algorithm,
+        data_b64=body.data,
+        signature_b64=body.signature,
+        is_digest=body.is_digest,
+    )
+    return VerifyOut(valid=valid)
+
+
+@router.get("/pki/signers/{signer_id}/operations", response_model=Page[OperationPublic])
+def list_operations(
+    signer_id: str, session: SessionDep, _: OperationsReader, page: PageDep
+) -> Page[OperationPublic]:
+    rows, total = store.list_operations(session, signer_id, limit=page.limit, offset=page.offset)
+    items = [
+        OperationPublic(
+            id=op.id,
+            at=op.at,
+            actor_id=op.actor_id,
+            actor_name=name,
+            status=op.status,
+            signing_algorithm=op.signing_algorithm,
+            data_sha256=op.data_sha256,
+            grant_id=op.grant_id,
+            request_id=op.request_id,
+            client_metadata=op.client_metadata,
+            ip_address=op.ip_address,
+            error=op.error,
+        )
+        for op, name in rows
+    ]
+    return Page[OperationPublic](items=items, total=total)
