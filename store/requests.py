@@ -148,6 +148,8 @@ def build_request(
         if policy
         else []
     )
+    if steps:
+        steps[0].status = "in-progress"
     state = RequestState(
         id=request_id,
         workflow_id=workflow_id_for(request_id),
@@ -170,6 +172,7 @@ def build_request(
         client_metadata=client_metadata,
         ip_address=ip_address,
         steps=steps,
+        current_step=0 if steps else None,
         original_request_id=original_request_id,
         created_at=now,
         expires_at=now + timedelta(seconds=ttl),

@@ -1,0 +1,150 @@
+"""The workflow under time skipping and injected activity failures, with real activities and database."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.requests import RequestActivities
+from core.schemas import (
+    IssuedGrant,
+    IssueGrantInput,
+    PolicySnapshot,
+    PolicyStep,
+    RequestState,
+    SigningRequestInput,
+    StepState,
+)
+from core.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTE_KEYS
+from core.timeutil import utcnow
+from store.db import session_scope
+from store.models import Grant, SigningRequest
+from tests.conftest import TEST_SERVER_BIN
+from workflows.signing_request import SigningRequestWorkflow
+
+
+def _input(ttl: timedelta, approver_ids: list[str], requester_id: str = "req-1") -> SigningRequestInput:
+    request_id = str(uuid.uuid4())
+    now = utcnow()
+    policy = PolicySnapshot(
+        id="policy-1",
+        name="policy",
+        steps=[PolicyStep(name="release", approver_ids=approver_ids, required_approvals=1)],
+        request_ttl_seconds=int(ttl.total_seconds()),
+    )
+    state = RequestState(
+        id=request_id,
+        workflow_id=f"signing-request-{request_id}",
+        signer_id="signer-1",
+        signer_name="signer",
+        certificate_id="cert-1",
+        signing_policy_id=policy.id,
+        signing_policy_name=policy.name,
+        requester_id=requester_id,
+        requester_name="requester",
+        requester_kind="user",
+        valid_from=now,
+        valid_until=now + timedelta(hours=1),
+        window_seconds=3600,
+        allowed_sign_operations=1,
+        steps=[StepState(name="release", required_approvals=1, approver_ids=approver_ids)],
+        created_at=now,
+        expires_at=now + ttl,
+    )
+    return SigningRequestInput(request=state, policy=policy)
+
+
+@pytest.fixture(scope="module")
+async def skipping_env():
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(TEST_SERVER_BIN), data_converter=DATA_CONVERTER
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in SEARCH_ATTRIBUTE_KEYS
+            },
+        )
+    )
+    yield env
+    await env.shutdown()
+
+
+def _worker(client: Client, acts: RequestActivities, task_queue: str) -> Worker:
+    import concurrent.futures
+
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SigningRequestWorkflow],
+        activities=[acts.persist_request, acts.issue_grant, acts.sign_artifact, acts.claim_pre_approval],
+        activity_executor=concurrent.futures.ThreadPoolExecutor(4),
+    )
+
+
+async def test_seven_day_ttl_expires_under_time_skipping(skipping_env, engine, app) -> None:
+    task_queue = f"tq-{uuid.uuid4()}"
+    acts = RequestActivities(engine, app.state.ctx.key_store)
+    wf_input = _input(timedelta(days=7), ["approver-1"])
+    async with _worker(skipping_env.client, acts, task_queue):
+        handle = await skipping_env.client.start_workflow(
+            SigningRequestWorkflow.run, wf_input, id=wf_input.request.workflow_id, task_queue=task_queue
+        )
+        result = await handle.result()
+    assert result.status == "expired"
+    assert result.closed_at is not None
+    assert result.closed_at - result.created_at >= timedelta(days=7)
+    with session_scope(engine) as session:
+        row = session.get(SigningRequest, wf_input.request.id)
+        assert row is not None and row.status == "expired"
+
+
+class CrashAfterGrant(RequestActivities):
+    """Commits the grant, then fails as if the worker died before reporting completion."""
+
+    attempts = 0
+
+    @activity.defn(name="issue_grant")
+    def issue_grant(self, input: IssueGrantInput) -> IssuedGrant:
+        issued = super().issue_grant(input)
+        CrashAfterGrant.attempts += 1
+        if activity.info().attempt == 1:
+            raise RuntimeError("worker lost after commit")
+        return issued
+
+
+async def test_grant_issued_exactly_once_when_activity_retried(temporal_env, engine, app) -> None:
+    from core.schemas import DecisionInput
+
+    task_queue = f"tq-{uuid.uuid4()}"
+    acts = CrashAfterGrant(engine, app.state.ctx.key_store)
+    wf_input = _input(timedelta(hours=1), ["approver-1"])
+    async with _worker(temporal_env.client, acts, task_queue):
+        handle = await temporal_env.client.start_workflow(
+            SigningRequestWorkflow.run, wf_input, id=wf_input.request.workflow_id, task_queue=task_queue
+        )
+        state = await handle.execute_update(
+            SigningRequestWorkflow.approve,
+            DecisionInput(actor_id="approver-1", actor_name="approver"),
+        )
+        result = await handle.result()
+    assert state.status == "approved"
+    assert CrashAfterGrant.attempts >= 2
+    with session_scope(engine) as session:
+        count = session.execute(
+            select(func.count()).select_from(Grant).where(Grant.request_id == wf_input.request.id)
+        ).scalar_one()
+        grant_id = session.execute(select(Grant.id).where(Grant.request_id == wf_input.request.id)).scalar_one()
+    assert count == 1
+    assert result.grant_id == grant_id
