@@ -74,9 +74,7 @@ def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> 
     current = now or utcnow()
     if row[3] is not None and row[3] <= current:
         return None
-    return Principal(
-        identity_id=row[5], name=row[6], kind=row[7], scopes=frozenset(row[2]), token_id=row[0]
-    )
+    return Principal(identity_id=row[5], name=row[6], kind=row[7], scopes=frozenset(row[2]), token_id=row[0])
 
 
 def create_identity(

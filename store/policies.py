@@ -54,8 +54,12 @@ def create_policy(*, session: Session, body: dict[str, Any], actor: audit.Actor)
     session.add(policy)
     session.flush()
     audit.record(
-        session, actor=actor, action="signing_policy.created", entity_type="signing_policy",
-        entity_id=policy.id, data=body,
+        session,
+        actor=actor,
+        action="signing_policy.created",
+        entity_type="signing_policy",
+        entity_id=policy.id,
+        data=body,
     )
     return policy
 
@@ -85,8 +89,12 @@ def update_policy(
     policy.updated_at = utcnow()
     session.add(policy)
     audit.record(
-        session, actor=actor, action="signing_policy.updated", entity_type="signing_policy",
-        entity_id=policy.id, data=changes,
+        session,
+        actor=actor,
+        action="signing_policy.updated",
+        entity_type="signing_policy",
+        entity_id=policy.id,
+        data=changes,
     )
     return policy
 
@@ -103,8 +111,12 @@ def delete_policy(*, session: Session, policy_id: str, actor: audit.Actor) -> No
         raise Conflict("the policy is in use by a signer or an open request", code="policy_in_use")
     session.delete(policy)
     audit.record(
-        session, actor=actor, action="signing_policy.deleted", entity_type="signing_policy",
-        entity_id=policy_id, data={"name": policy.name},
+        session,
+        actor=actor,
+        action="signing_policy.deleted",
+        entity_type="signing_policy",
+        entity_id=policy_id,
+        data={"name": policy.name},
     )
 
 

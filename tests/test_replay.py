@@ -51,7 +51,9 @@ async def test_fresh_histories_of_every_shape_replay(api: Api, temporal_env, tmp
     for who in (a, b, c):
         await api.call("POST", f"/pki/signing-requests/{approved['id']}/approve", who, json={}, expect=200)
     rejected = await api.open_request(requester, signer["id"])
-    await api.call("POST", f"/pki/signing-requests/{rejected['id']}/reject", a, json={"comment": "no"}, expect=200)
+    await api.call(
+        "POST", f"/pki/signing-requests/{rejected['id']}/reject", a, json={"comment": "no"}, expect=200
+    )
     cancelled = await api.open_request(requester, signer["id"])
     await api.call("POST", f"/pki/signing-requests/{cancelled['id']}/cancel", requester, json={}, expect=200)
 

@@ -20,7 +20,9 @@ async def _setup_two_step(api: Api) -> tuple[Ident, list[Ident], Ident, dict, di
 
 async def test_two_step_policy_approved_in_order_then_grant_signs(api: Api) -> None:
     requester, first, release, _policy, signer = await _setup_two_step(api)
-    req = await api.open_request(requester, signer["id"], justification="release 1.2.3", allowedSignOperations=2)
+    req = await api.open_request(
+        requester, signer["id"], justification="release 1.2.3", allowedSignOperations=2
+    )
     assert req["status"] == "open"
     assert req["workflowId"] == f"signing-request-{req['id']}"
     assert [s["status"] for s in req["steps"]] == ["in-progress", "pending"]
@@ -30,7 +32,9 @@ async def test_two_step_policy_approved_in_order_then_grant_signs(api: Api) -> N
     r = await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", release, json={}, expect=403)
     assert r.json()["error"] == "not_eligible"
 
-    r = await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", first[0], json={"comment": "ok"}, expect=200)
+    r = await api.call(
+        "POST", f"/pki/signing-requests/{req['id']}/approve", first[0], json={"comment": "ok"}, expect=200
+    )
     assert r.json()["steps"][0]["approvals"][0]["approverName"] == first[0].name
     assert r.json()["steps"][0]["status"] == "in-progress"
     # Deciding twice in a step is refused.
@@ -47,7 +51,9 @@ async def test_two_step_policy_approved_in_order_then_grant_signs(api: Api) -> N
     r = await api.call("POST", f"/pki/signers/{signer['id']}/sign", requester, json=sign, expect=403)
     assert r.json()["error"] == "approval_required"
 
-    r = await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", release, json={"comment": "ship"}, expect=200)
+    r = await api.call(
+        "POST", f"/pki/signing-requests/{req['id']}/approve", release, json={"comment": "ship"}, expect=200
+    )
     body = r.json()
     assert body["status"] == "approved"
     assert body["grantId"]
@@ -85,10 +91,14 @@ async def test_requester_cannot_approve_own_request(api: Api) -> None:
 
 
 async def test_rejection_with_comment_ends_the_request(api: Api) -> None:
-    requester, first, release, _policy, signer = await _setup_two_step(api)
+    requester, first, _release, _policy, signer = await _setup_two_step(api)
     req = await api.open_request(requester, signer["id"])
     r = await api.call(
-        "POST", f"/pki/signing-requests/{req['id']}/reject", first[2], json={"comment": "unknown build"}, expect=200
+        "POST",
+        f"/pki/signing-requests/{req['id']}/reject",
+        first[2],
+        json={"comment": "unknown build"},
+        expect=200,
     )
     body = r.json()
     assert body["status"] == "rejected"
@@ -96,7 +106,11 @@ async def test_rejection_with_comment_ends_the_request(api: Api) -> None:
     assert body["steps"][0]["approvals"][0]["comment"] == "unknown build"
     assert body["closedAt"]
     await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", first[0], json={}, expect=409)
-    result = (await api.call("GET", f"/pki/signing-requests/{req['id']}/result?waitSeconds=5", requester, expect=200)).json()
+    result = (
+        await api.call(
+            "GET", f"/pki/signing-requests/{req['id']}/result?waitSeconds=5", requester, expect=200
+        )
+    ).json()
     assert result["status"] == "rejected"
     assert result["grantId"] is None
 
@@ -106,7 +120,13 @@ async def test_cancel_by_requester_and_not_by_others(api: Api) -> None:
     req = await api.open_request(requester, signer["id"])
     r = await api.call("POST", f"/pki/signing-requests/{req['id']}/cancel", first[0], json={}, expect=403)
     assert r.json()["error"] in ("forbidden", "not_eligible")
-    r = await api.call("POST", f"/pki/signing-requests/{req['id']}/cancel", requester, json={"comment": "wrong build"}, expect=200)
+    r = await api.call(
+        "POST",
+        f"/pki/signing-requests/{req['id']}/cancel",
+        requester,
+        json={"comment": "wrong build"},
+        expect=200,
+    )
     assert r.json()["status"] == "cancelled"
     await api.call("POST", f"/pki/signing-requests/{req['id']}/cancel", requester, json={}, expect=409)
 
@@ -124,7 +144,11 @@ async def test_short_ttl_expires_in_real_time(api: Api) -> None:
     policy = await api.policy([([approver], 1)], requestTtlSeconds=1)
     signer = await api.signer(members=[requester], policy_id=policy["id"])
     req = await api.open_request(requester, signer["id"])
-    result = (await api.call("GET", f"/pki/signing-requests/{req['id']}/result?waitSeconds=15", requester, expect=200)).json()
+    result = (
+        await api.call(
+            "GET", f"/pki/signing-requests/{req['id']}/result?waitSeconds=15", requester, expect=200
+        )
+    ).json()
     assert result["status"] == "expired"
     r = await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", approver, json={}, expect=409)
     assert r.json()["error"] == "request_not_open"
@@ -151,7 +175,10 @@ async def test_concurrent_approvals_of_one_step_counted_once_each(api: Api) -> N
     assert codes == [200, 200, 403]
     # The same approver twice at once in step 2 counts once.
     dup = await asyncio.gather(
-        *(api.call("POST", f"/pki/signing-requests/{req['id']}/approve", second[0], json={}) for _ in range(2))
+        *(
+            api.call("POST", f"/pki/signing-requests/{req['id']}/approve", second[0], json={})
+            for _ in range(2)
+        )
     )
     assert sorted(r.status_code for r in dup) == [200, 403]
     detail = (await api.call("GET", f"/pki/signing-requests/{req['id']}", requester, expect=200)).json()
@@ -165,20 +192,30 @@ async def test_window_and_count_checked_against_policy(api: Api) -> None:
     policy = await api.policy([([approver], 1)], maxWindowSeconds=600, maxSignings=3)
     signer = await api.signer(members=[requester], policy_id=policy["id"])
     r = await api.call(
-        "POST", "/pki/signing-requests", requester, json={"signerId": signer["id"], "allowedSignOperations": 4}, expect=400
+        "POST",
+        "/pki/signing-requests",
+        requester,
+        json={"signerId": signer["id"], "allowedSignOperations": 4},
+        expect=400,
     )
     assert r.json()["error"] == "policy_violation"
     r = await api.call(
         "POST",
         "/pki/signing-requests",
         requester,
-        json={"signerId": signer["id"], "validFrom": "2030-01-01T00:00:00Z", "validUntil": "2030-01-01T01:00:00Z"},
+        json={
+            "signerId": signer["id"],
+            "validFrom": "2030-01-01T00:00:00Z",
+            "validUntil": "2030-01-01T01:00:00Z",
+        },
         expect=400,
     )
     assert r.json()["error"] == "policy_violation"
     req = await api.open_request(requester, signer["id"])
     assert req["allowedSignOperations"] == 3
-    listed = (await api.call("GET", f"/pki/signing-requests?signerId={signer['id']}", requester, expect=200)).json()
+    listed = (
+        await api.call("GET", f"/pki/signing-requests?signerId={signer['id']}", requester, expect=200)
+    ).json()
     assert listed["total"] == 1
 
 
@@ -197,7 +234,9 @@ async def test_policy_snapshot_survives_later_edits(api: Api) -> None:
         expect=200,
     )
     await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", new_approver, json={}, expect=403)
-    r = await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", old_approver, json={}, expect=200)
+    r = await api.call(
+        "POST", f"/pki/signing-requests/{req['id']}/approve", old_approver, json={}, expect=200
+    )
     assert r.json()["status"] == "approved"
     # A policy in use cannot be deleted.
     r = await api.call("DELETE", f"/pki/signing-policies/{policy['id']}", api.admin, expect=409)
@@ -219,7 +258,7 @@ async def test_policy_validation(api: Api) -> None:
 
 
 async def test_workflow_search_attributes_and_state_query(api: Api, temporal_env) -> None:
-    requester, first, _release, policy, signer = await _setup_two_step(api)
+    requester, _first, _release, _policy, signer = await _setup_two_step(api)
     req = await api.open_request(requester, signer["id"])
     handle = temporal_env.client.get_workflow_handle(req["workflowId"])
     from core.schemas import RequestState

@@ -145,6 +145,8 @@ async def test_grant_issued_exactly_once_when_activity_retried(temporal_env, eng
         count = session.execute(
             select(func.count()).select_from(Grant).where(Grant.request_id == wf_input.request.id)
         ).scalar_one()
-        grant_id = session.execute(select(Grant.id).where(Grant.request_id == wf_input.request.id)).scalar_one()
+        grant_id = session.execute(
+            select(Grant.id).where(Grant.request_id == wf_input.request.id)
+        ).scalar_one()
     assert count == 1
     assert result.grant_id == grant_id

@@ -170,13 +170,9 @@ class SigningRequestWorkflow:
             raise ApplicationError("nobody may decide their own request", type=NOT_ELIGIBLE)
         step = request.steps[request.current_step]
         if decision.actor_id not in step.approver_ids:
-            raise ApplicationError(
-                f"not among the approvers of step {step.name!r}", type=NOT_ELIGIBLE
-            )
+            raise ApplicationError(f"not among the approvers of step {step.name!r}", type=NOT_ELIGIBLE)
         if any(a.approver_id == decision.actor_id for a in step.approvals):
-            raise ApplicationError(
-                f"already decided in step {step.name!r}", type=NOT_ELIGIBLE
-            )
+            raise ApplicationError(f"already decided in step {step.name!r}", type=NOT_ELIGIBLE)
 
     @workflow.update
     async def approve(self, decision: DecisionInput) -> RequestState:

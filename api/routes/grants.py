@@ -67,14 +67,20 @@ def list_grants(
         conditions.append(Grant.identity_id == principal.identity_id)
     now = utcnow()
     if status == "expired":
-        conditions.append(or_(Grant.status == "expired", and_(Grant.status == "active", Grant.valid_until <= now)))
+        conditions.append(
+            or_(Grant.status == "expired", and_(Grant.status == "active", Grant.valid_until <= now))
+        )
     elif status == "active":
         conditions.append(and_(Grant.status == "active", Grant.valid_until > now))
     elif status:
         conditions.append(Grant.status == status)
     total = session.execute(select(func.count()).select_from(Grant).where(*conditions)).scalar_one()
     rows = session.exec(
-        select(Grant).where(*conditions).order_by(Grant.created_at.desc(), Grant.id).offset(page.offset).limit(page.limit)
+        select(Grant)
+        .where(*conditions)
+        .order_by(Grant.created_at.desc(), Grant.id)
+        .offset(page.offset)
+        .limit(page.limit)
     ).all()
     return Page[GrantPublic](items=[public(r[0]) for r in rows], total=total)
 
@@ -93,7 +99,9 @@ def revoke(
 ) -> GrantPublic:
     """Admins and approvers revoke any grant; a holder may give up their own."""
     grant = get_grant(session, grant_id)
-    if not (principal.is_admin or principal.has("codesign:approve") or grant.identity_id == principal.identity_id):
+    if not (
+        principal.is_admin or principal.has("codesign:approve") or grant.identity_id == principal.identity_id
+    ):
         raise Forbidden("you may not revoke this grant")
     if not body.reason.strip():
         raise BadRequest("a reason is required", code="invalid_request")

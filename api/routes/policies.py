@@ -81,7 +81,9 @@ def public(policy: SigningPolicy) -> PolicyPublic:
 
 
 @router.post("/pki/signing-policies", status_code=201, response_model=PolicyPublic)
-def create_policy(body: PolicyCreate, session: SessionDep, _: AdminPrincipal, actor: ActorDep) -> PolicyPublic:
+def create_policy(
+    body: PolicyCreate, session: SessionDep, _: AdminPrincipal, actor: ActorDep
+) -> PolicyPublic:
     data = body.model_dump(by_alias=True)
     return public(store.create_policy(session=session, body=data, actor=actor))
 
@@ -90,7 +92,10 @@ def create_policy(body: PolicyCreate, session: SessionDep, _: AdminPrincipal, ac
 def list_policies(session: SessionDep, _: CurrentPrincipal, page: PageDep) -> Page[PolicyPublic]:
     total = session.exec(select(func.count()).select_from(SigningPolicy)).one()
     rows = session.exec(
-        select(SigningPolicy).order_by(SigningPolicy.created_at, SigningPolicy.id).offset(page.offset).limit(page.limit)  # type: ignore[arg-type]
+        select(SigningPolicy)
+        .order_by(SigningPolicy.created_at, SigningPolicy.id)
+        .offset(page.offset)
+        .limit(page.limit)  # type: ignore[arg-type]
     ).all()
     return Page[PolicyPublic](items=[public(r) for r in rows], total=total)
 

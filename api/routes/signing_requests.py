@@ -271,9 +271,7 @@ def list_requests(
             .offset(page.offset)
             .limit(page.limit)
         ).all()
-    return Page[RequestPublic](
-        items=[public(RequestState.model_validate(r[0])) for r in rows], total=total
-    )
+    return Page[RequestPublic](items=[public(RequestState.model_validate(r[0])) for r in rows], total=total)
 
 
 @router.get("/pki/signing-requests/{request_id}", response_model=RequestPublic)
