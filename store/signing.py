@@ -25,6 +25,7 @@ from sqlalchemy import Engine, and_, case, select, update
 from sqlmodel import Session
 
 from core.errors import ApprovalRequired, BadRequest, Conflict, NotFound, SigngateError
+from core.metrics import SIGN_OPERATIONS
 from core.timeutil import as_utc, utcnow
 from store import audit
 from store.db import session_scope
@@ -224,6 +225,7 @@ def _record_operation(
     error: str | None,
 ) -> None:
     key = attempt.key
+    SIGN_OPERATIONS.labels(status=status).inc()
     session.add(
         SigningOperation(
             id=attempt.operation_id,

@@ -164,3 +164,16 @@ async def test_worker_and_server_killed_mid_request(stack: Stack, api: Api, engi
         assert grant["status"] == "active"
         assert grant["requestId"] == req["id"]
     await asyncio.sleep(0)
+
+
+async def test_readyz_reports_unreachable_temporal(settings: Settings, engine) -> None:
+    dead = settings.model_copy(update={"temporal_address": f"127.0.0.1:{_free_port()}"})
+    from core.temporal import connect
+
+    app = create_app(dead, engine=engine, temporal=await connect(dead, lazy=True))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://signgate.test") as http:
+        r = await http.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["error"] == "not_ready"
+    assert "Temporal" in r.json()["error_description"]

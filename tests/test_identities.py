@@ -25,3 +25,14 @@ async def test_schema_errors_are_400_with_contract_body(api: Api) -> None:
     r = await api.call("POST", "/identities", api.admin, json={"name": "x", "kind": "robot"}, expect=400)
     assert set(r.json()) == {"error", "error_description"}
     assert r.json()["error"] == "invalid_request"
+
+
+async def test_health_ready_and_metrics(api: Api) -> None:
+    r = await api.http.get("/healthz")
+    assert r.status_code == 200
+    r = await api.http.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["database"] == "ok" and r.json()["temporal"] == "ok"
+    r = await api.http.get("/metrics")
+    assert r.status_code == 200
+    assert "signgate_sign_operations_total" in r.text

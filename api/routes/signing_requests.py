@@ -26,7 +26,8 @@ from api.deps import (
 )
 from api.schemas import ApiModel, Page
 from api.temporal_calls import decide, start_request
-from core.errors import BadRequest, Forbidden, RequestNotOpen
+from core.errors import BadRequest, Forbidden, RequestNotOpen, SigngateError
+from core.metrics import DECISION_SECONDS, DECISIONS, SIGNING_REQUESTS_OPENED
 from core.schemas import TERMINAL_STATUSES, Artifact, DecisionInput, RequestState
 from store.db import session_scope
 from store.identities import Principal
@@ -204,6 +205,7 @@ async def _open(
 
     workflow_input = await run_in_threadpool(build)
     await start_request(temporal, ctx.settings.task_queue, workflow_input)
+    SIGNING_REQUESTS_OPENED.inc()
     # The workflow records the request too; writing version 0 here makes it listable at once.
     await run_in_threadpool(
         persist_request_state, ctx.engine, PersistRequestInput(state=workflow_input.request)
@@ -300,19 +302,30 @@ async def _decide(
         raise Forbidden("you may not decide this request")
     if state.status != "open":
         raise RequestNotOpen(f"the request is {state.status}")
-    result = await decide(
-        temporal,
-        state.workflow_id,
-        update,
-        DecisionInput(
-            actor_id=principal.identity_id,
-            actor_name=principal.name,
-            actor_is_admin=principal.is_admin,
-            comment=body.comment if body else None,
-        ),
-        idempotency_key=f"{update}:{principal.identity_id}:{idempotency_key}" if idempotency_key else None,
-        rpc_timeout=ctx.settings.update_rpc_timeout_seconds,
-    )
+    outcome = "error"
+    with DECISION_SECONDS.time():
+        try:
+            result = await decide(
+                temporal,
+                state.workflow_id,
+                update,
+                DecisionInput(
+                    actor_id=principal.identity_id,
+                    actor_name=principal.name,
+                    actor_is_admin=principal.is_admin,
+                    comment=body.comment if body else None,
+                ),
+                idempotency_key=f"{update}:{principal.identity_id}:{idempotency_key}"
+                if idempotency_key
+                else None,
+                rpc_timeout=ctx.settings.update_rpc_timeout_seconds,
+            )
+            outcome = "accepted"
+        except SigngateError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            DECISIONS.labels(decision=update, outcome=outcome).inc()
     return public(result)
 
 
