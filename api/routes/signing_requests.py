@@ -26,7 +26,7 @@ from api.deps import (
 )
 from api.schemas import ApiModel, Page
 from api.temporal_calls import decide, start_request
-from core.errors import BadRequest, Forbidden, RequestNotOpen, SigngateError
+from core.errors import BadRequest, Forbidden, NotEligible, RequestNotOpen, SigngateError
 from core.metrics import DECISION_SECONDS, DECISIONS, SIGNING_REQUESTS_OPENED
 from core.schemas import TERMINAL_STATUSES, Artifact, DecisionInput, RequestState
 from store.db import session_scope
@@ -299,7 +299,7 @@ async def _decide(
     if update == "cancel" and not (principal.identity_id == state.requester_id or principal.is_admin):
         raise Forbidden("only the requester or an admin may cancel")
     if update != "cancel" and not _may_view(principal, state):
-        raise Forbidden("you may not decide this request")
+        raise NotEligible("you are not among the approvers of this request")
     if state.status != "open":
         raise RequestNotOpen(f"the request is {state.status}")
     outcome = "error"
