@@ -97,7 +97,7 @@ def build_request(
     if signer is None:
         raise NotFound("no such signer")
     if not is_member(session, signer_id, principal.identity_id):
-        raise Forbidden("you are not a member of this signer")
+        raise Forbidden("the caller is not a member of this signer", code="not_member")
     if signer.status != "active":
         raise Conflict("the signer is disabled", code="signer_unavailable")
     certificate = session.get(Certificate, signer.certificate_id)

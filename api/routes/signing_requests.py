@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import Field, field_validator
 from sqlalchemy import func, select
@@ -26,7 +26,7 @@ from api.deps import (
 )
 from api.schemas import ApiModel, Page
 from api.temporal_calls import decide, start_request
-from core.errors import BadRequest, Forbidden, NotEligible, RequestNotOpen, SigngateError
+from core.errors import BadRequest, Forbidden, NotEligible, NotFound, RequestNotOpen, SigngateError
 from core.metrics import DECISION_SECONDS, DECISIONS, SIGNING_REQUESTS_OPENED
 from core.schemas import TERMINAL_STATUSES, Artifact, DecisionInput, RequestState
 from store.db import session_scope
@@ -142,6 +142,32 @@ class RequestPublic(ApiModel):
     closed_at: datetime | None
 
 
+def _member_of_body_signer(signer_id: str, principal: Principal, ctx: Any) -> Principal:
+    from store.signers import membership
+
+    with session_scope(ctx.engine) as session:
+        member = membership(session, signer_id=signer_id, identity_id=principal.identity_id)
+    if member is None:
+        raise NotFound("no such signer")
+    if not member:
+        raise Forbidden("the caller is not a member of this signer", code="not_member")
+    return principal
+
+
+def requesting_member(body: RequestCreate, principal: RequesterPrincipal, ctx: ContextDep) -> Principal:
+    """Dependency: codesign:request and membership of the signer the body names."""
+    return _member_of_body_signer(body.signer_id, principal, ctx)
+
+
+def resubmitting_member(body: ResubmitBody, principal: RequesterPrincipal, ctx: ContextDep) -> Principal:
+    """Dependency: codesign:request and membership of the signer the request moves to."""
+    return _member_of_body_signer(body.signer_id, principal, ctx)
+
+
+RequestingMember = Annotated[Principal, Depends(requesting_member)]
+ResubmittingMember = Annotated[Principal, Depends(resubmitting_member)]
+
+
 def public(state: RequestState, resubmissions: list[str] | None = None) -> RequestPublic:
     data = state.model_dump()
     data["resubmission_ids"] = resubmissions if resubmissions is not None else state.resubmission_ids
@@ -219,7 +245,7 @@ async def create_request(
     request: Request,
     ctx: ContextDep,
     temporal: TemporalDep,
-    principal: RequesterPrincipal,
+    principal: RequestingMember,
     idempotency_key: IdempotencyKey = None,
 ) -> RequestPublic:
     return await _open(
@@ -372,7 +398,7 @@ async def resubmit(
     request: Request,
     ctx: ContextDep,
     temporal: TemporalDep,
-    principal: RequesterPrincipal,
+    principal: ResubmittingMember,
     idempotency_key: IdempotencyKey = None,
 ) -> RequestPublic:
     def load() -> RequestState:
