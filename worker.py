@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -29,6 +30,8 @@ def build_worker(client: Client, settings: Settings, engine: Engine, key_store: 
         activities=[acts.persist_request, acts.issue_grant, acts.sign_artifact, acts.claim_pre_approval],
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
         max_concurrent_activities=32,
+        # Activities are short database writes: let running ones finish on shutdown.
+        graceful_shutdown_timeout=timedelta(seconds=10),
     )
 
 
@@ -56,8 +59,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(run_worker(Settings()))
+    """`python worker.py`: the same checked start as `signgate worker` (one line on bad config)."""
+    import sys
+
+    from cli.main import main as cli_main
+
+    sys.argv = [sys.argv[0], "worker"]
+    cli_main()
 
 
 if __name__ == "__main__":
