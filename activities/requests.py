@@ -8,6 +8,7 @@ pre-approval claim is one conditional UPDATE remembered per request.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import uuid
 from typing import Any
@@ -27,7 +28,7 @@ from core.schemas import (
 from core.timeutil import utcnow
 from store import audit
 from store.db import session_scope
-from store.models import Certificate, Grant, PreApproval, SigningRequest
+from store.models import AuditEvent, Certificate, Grant, PreApproval, SigningRequest
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +158,24 @@ class RequestActivities:
 
     @activity.defn(name="claim_pre_approval")
     def claim_pre_approval(self, input: ClaimPreApprovalInput) -> str | None:
-        """Claim a matching pre-approval atomically; a single-use one serves exactly one request."""
+        """Claim a matching pre-approval atomically; a single-use one serves exactly one request.
+
+        Each candidate is taken with one conditional UPDATE, so of several requests racing for a
+        single-use pre-approval exactly one sees its row change. The `pre_approval.used` audit
+        event, written in the same transaction, marks the claim: a retried activity (its first
+        attempt committed, its answer lost) returns that claim instead of counting a second use.
+        """
         now = utcnow()
         with session_scope(self.engine) as session:
-            already = session.execute(
-                select(SigningRequest.pre_approval_id).where(SigningRequest.id == input.request_id)  # type: ignore[call-overload]
-            ).scalar()
-            if already:
-                return str(already)
-            claimed_marker = session.execute(
-                select(PreApproval.id).where(PreApproval.last_used_request_id == input.request_id)  # type: ignore[call-overload]
-            ).scalar()
-            if claimed_marker:
-                return str(claimed_marker)
+            earlier = session.execute(
+                select(AuditEvent.entity_id).where(  # type: ignore[call-overload]
+                    AuditEvent.request_id == input.request_id,
+                    AuditEvent.action == "pre_approval.used",
+                )
+            ).first()
+            if earlier is not None:
+                return str(earlier[0])
+            addresses = _address_forms(input.ip_address)
             candidates = session.execute(
                 select(PreApproval.id, PreApproval.single_use)  # type: ignore[call-overload]
                 .where(
@@ -178,7 +184,10 @@ class RequestActivities:
                     PreApproval.status == "active",
                     PreApproval.not_before <= now,
                     PreApproval.expires_at > now,
-                    or_(PreApproval.ip_address.is_(None), PreApproval.ip_address == input.ip_address),  # type: ignore[union-attr]
+                    or_(
+                        PreApproval.ip_address.is_(None),  # type: ignore[union-attr]
+                        PreApproval.ip_address.in_(addresses),  # type: ignore[union-attr]
+                    ),
                     or_(
                         PreApproval.signing_executable.is_(None),  # type: ignore[union-attr]
                         PreApproval.signing_executable == input.signing_executable,
@@ -195,7 +204,11 @@ class RequestActivities:
                     values["status"] = "used"
                 claimed = session.execute(
                     update(PreApproval)
-                    .where(PreApproval.id == pre_approval_id, PreApproval.status == "active")  # type: ignore[arg-type]
+                    .where(
+                        PreApproval.id == pre_approval_id,  # type: ignore[arg-type]
+                        PreApproval.status == "active",  # type: ignore[arg-type]
+                        PreApproval.expires_at > now,  # type: ignore[arg-type]
+                    )
                     .values(**values)
                     .returning(PreApproval.id)  # type: ignore[arg-type]
                 ).first()
@@ -207,10 +220,25 @@ class RequestActivities:
                         entity_type="pre_approval",
                         entity_id=pre_approval_id,
                         request_id=input.request_id,
-                        data={"singleUse": bool(single_use)},
+                        data={"singleUse": bool(single_use), "identityId": input.identity_id},
                     )
                     return str(pre_approval_id)
         return None
+
+
+def _address_forms(address: str | None) -> list[str]:
+    """The request's address as a pre-approval may spell it: normalised, and an IPv4-mapped
+    IPv6 address (what a dual-stack listener reports) also as plain IPv4."""
+    if not address:
+        return []
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return [address]
+    forms = [address, str(parsed)]
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        forms.append(str(parsed.ipv4_mapped))
+    return sorted(set(forms))
 
 
 def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import uuid
 from datetime import datetime, timedelta
 from typing import Annotated
@@ -22,6 +24,7 @@ from store.db import session_scope
 from store.identities import Principal
 from store.models import Identity, PreApproval, Signer, SigningPolicy, SigningRequest
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["pre-approvals"])
 
 
@@ -40,7 +43,10 @@ class PreApprovalCreate(ApiModel):
     def _ip(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        return str(ipaddress.ip_address(v))
+        address = ipaddress.ip_address(v)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(address)
 
 
 class PreApprovalPublic(ApiModel):
@@ -81,7 +87,7 @@ async def create_pre_approval(
     if body.identity_id == principal.identity_id:
         raise Forbidden("nobody may pre-approve themself")
 
-    def create() -> tuple[PreApproval, list[str]]:
+    def create() -> PreApproval:
         with session_scope(ctx.engine) as session:
             signer = session.get(Signer, body.signer_id)
             if signer is None:
@@ -114,21 +120,37 @@ async def create_pre_approval(
                 entity_id=row.id,
                 data=body.model_dump(mode="json", by_alias=True),
             )
-            waiting = session.execute(
-                select(SigningRequest.workflow_id).where(
+            return row
+
+    def waiting_workflows() -> list[str]:
+        """Open requests it may release, read only once the pre-approval is committed.
+
+        A request's workflow records the request before it first tries to claim, so one whose
+        claim missed this pre-approval (it ran before the commit) is already listed here.
+        """
+        with session_scope(ctx.engine) as session:
+            rows = session.execute(
+                select(SigningRequest.workflow_id).where(  # type: ignore[call-overload]
                     SigningRequest.signer_id == body.signer_id,
                     SigningRequest.requester_id == body.identity_id,
                     SigningRequest.status == "open",
                 )
             ).all()
-            return row, [w[0] for w in waiting]
+            return [r[0] for r in rows]
 
-    row, waiting = await run_in_threadpool(create)
+    row = await run_in_threadpool(create)
     # Requests already waiting are released: each claims the pre-approval through the same
     # activity as a new request, so a single-use one still serves exactly one of them.
-    if waiting and row.not_before <= utcnow() and ctx.temporal is not None:
-        for workflow_id in waiting:
-            await signal_pre_approval(ctx.temporal, workflow_id, row.id)
+    if row.not_before <= utcnow() and ctx.temporal is not None:
+        waiting = await run_in_threadpool(waiting_workflows)
+        outcomes = await asyncio.gather(
+            *(signal_pre_approval(ctx.temporal, w, row.id) for w in waiting),
+            return_exceptions=True,
+        )
+        for workflow_id, outcome in zip(waiting, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                # The pre-approval stands and serves new requests; only this release is lost.
+                log.warning("could not signal %s of pre-approval %s: %s", workflow_id, row.id, outcome)
     return public(row)
 
 
@@ -150,13 +172,19 @@ def list_pre_approvals(
         conditions.append(PreApproval.identity_id == principal.identity_id)
     total = session.execute(select(func.count()).select_from(PreApproval).where(*conditions)).scalar_one()
     rows = session.execute(
-        select(PreApproval).where(*conditions).order_by(PreApproval.created_at.desc()).offset(page.offset).limit(page.limit)
+        select(PreApproval)
+        .where(*conditions)
+        .order_by(PreApproval.created_at.desc())
+        .offset(page.offset)
+        .limit(page.limit)
     ).all()
     return Page[PreApprovalPublic](items=[public(r[0]) for r in rows], total=total)
 
 
 @router.get("/pki/pre-approvals/{pre_approval_id}", response_model=PreApprovalPublic)
-def get_pre_approval(pre_approval_id: str, session: SessionDep, principal: CurrentPrincipal) -> PreApprovalPublic:
+def get_pre_approval(
+    pre_approval_id: str, session: SessionDep, principal: CurrentPrincipal
+) -> PreApprovalPublic:
     row = session.get(PreApproval, pre_approval_id)
     if row is None:
         raise NotFound("no such pre-approval")
@@ -174,10 +202,14 @@ def revoke_pre_approval(
     if row is None:
         raise NotFound("no such pre-approval")
     signer = session.get(Signer, row.signer_id)
-    allowed = principal.is_admin or row.created_by == principal.identity_id or (
-        principal.has("codesign:approve")
-        and signer is not None
-        and _approver_of_signer(session, signer, principal.identity_id)
+    allowed = (
+        principal.is_admin
+        or row.created_by == principal.identity_id
+        or (
+            principal.has("codesign:approve")
+            and signer is not None
+            and _approver_of_signer(session, signer, principal.identity_id)
+        )
     )
     if not allowed:
         raise Forbidden("you may not revoke this pre-approval")
@@ -187,6 +219,11 @@ def revoke_pre_approval(
     row.revoked_at = utcnow()
     session.add(row)
     audit.record(
-        session, actor=actor, action="pre_approval.revoked", entity_type="pre_approval", entity_id=row.id, data={}
+        session,
+        actor=actor,
+        action="pre_approval.revoked",
+        entity_type="pre_approval",
+        entity_id=row.id,
+        data={},
     )
     return Response(status_code=204)
