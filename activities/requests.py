@@ -241,30 +241,55 @@ def _address_forms(address: str | None) -> list[str]:
     return sorted(set(forms))
 
 
+def _row_values(state: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": state.id,
+        "workflow_id": state.workflow_id,
+        "status": state.status,
+        "version": state.version,
+        "signer_id": state.signer_id,
+        "signer_name": state.signer_name,
+        "signing_policy_id": state.signing_policy_id,
+        "requester_id": state.requester_id,
+        "requester_name": state.requester_name,
+        "created_at": state.created_at,
+        "expires_at": state.expires_at,
+        "closed_at": state.closed_at,
+        "grant_id": state.grant_id,
+        "pre_approval_id": state.pre_approval_id,
+        "original_request_id": state.original_request_id,
+        "signature": state.signature,
+        "state": payload,
+    }
+
+
+def _insert_if_absent(session: Any, values: dict[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING: the API (version 0) and the workflow (version 1) may
+    both write a new request at once; a row lock cannot guard a row that does not exist yet."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if session.get_bind().dialect.name == "postgresql":
+        statement: Any = postgresql.insert(SigningRequest)
+    else:
+        statement = sqlite.insert(SigningRequest)
+    statement = statement.values(**values).on_conflict_do_nothing(index_elements=["id"])
+    return bool(session.execute(statement).rowcount == 1)
+
+
 def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:
     """Write one version of the request; older or repeated versions are ignored. True if written."""
     state = input.state
     payload = state.model_dump(mode="json")
     with session_scope(engine) as session:
         row = session.get(SigningRequest, state.id, with_for_update=True)
-        if row is not None and row.version >= state.version:
-            return False
         if row is None:
-            row = SigningRequest(
-                id=state.id,
-                workflow_id=state.workflow_id,
-                status=state.status,
-                version=state.version,
-                signer_id=state.signer_id,
-                signer_name=state.signer_name,
-                signing_policy_id=state.signing_policy_id,
-                requester_id=state.requester_id,
-                requester_name=state.requester_name,
-                created_at=state.created_at,
-                expires_at=state.expires_at,
-                original_request_id=state.original_request_id,
-                state=payload,
-            )
+            if _insert_if_absent(session, _row_values(state, payload)):
+                _record_notes(session, input)
+                return True
+            row = session.get(SigningRequest, state.id, with_for_update=True, populate_existing=True)
+            assert row is not None
+        if row.version >= state.version:
+            return False
         row.status = state.status
         row.version = state.version
         row.closed_at = state.closed_at
@@ -275,14 +300,18 @@ def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:
         row.state = payload
         session.add(row)
         session.flush()
-        for note in input.notes:
-            audit.record(
-                session,
-                actor=audit.Actor(id=note.actor_id, name=note.actor_name),
-                action=note.action,
-                entity_type="signing_request",
-                entity_id=state.id,
-                request_id=state.id,
-                data=note.data,
-            )
+        _record_notes(session, input)
     return True
+
+
+def _record_notes(session: Any, input: PersistRequestInput) -> None:
+    for note in input.notes:
+        audit.record(
+            session,
+            actor=audit.Actor(id=note.actor_id, name=note.actor_name),
+            action=note.action,
+            entity_type="signing_request",
+            entity_id=input.state.id,
+            request_id=input.state.id,
+            data=note.data,
+        )
