@@ -379,3 +379,38 @@ async def test_callers_rights_are_checked_against_the_new_signer(api: Api) -> No
         "POST", f"/pki/signing-requests/{original['id']}/resubmit", s.requester, json={}, expect=400
     )
     assert (await _detail(api, s.requester, original["id"]))["resubmissionIds"] == []
+
+
+async def test_original_request_audit_history_records_its_resubmission(api: Api) -> None:
+    requester = await api.identity()
+    auditor = await api.identity(scopes=["audit:read"])
+    test_signer = await api.signer(members=[requester])
+    release_signer = await api.signer(members=[requester])
+    original = await api.open_request(requester, test_signer["id"])
+    done = await api.call(
+        "GET", f"/pki/signing-requests/{original['id']}/result?waitSeconds=10", requester, expect=200
+    )
+    assert done.json()["status"] == "approved"
+    headers = {**requester.headers, "Idempotency-Key": "resubmit-once"}
+    first = await api.call(
+        "POST",
+        f"/pki/signing-requests/{original['id']}/resubmit",
+        headers=headers,
+        json={"signerId": release_signer["id"]},
+        expect=201,
+    )
+    again = await api.call(
+        "POST",
+        f"/pki/signing-requests/{original['id']}/resubmit",
+        headers=headers,
+        json={"signerId": release_signer["id"]},
+        expect=201,
+    )
+    assert again.json()["id"] == first.json()["id"]
+    events = (await api.call("GET", f"/audit-events?requestId={original['id']}", auditor, expect=200)).json()[
+        "items"
+    ]
+    links = [e for e in events if e["action"] == "signing_request.resubmitted"]
+    assert len(links) == 1
+    assert links[0]["data"]["resubmissionId"] == first.json()["id"]
+    assert links[0]["actorId"] == requester.id

@@ -22,6 +22,7 @@ from api.deps import (
     PageDep,
     RequesterPrincipal,
     TemporalDep,
+    actor_of,
     client_ip,
 )
 from api.schemas import ApiModel, Page
@@ -29,6 +30,7 @@ from api.temporal_calls import decide, start_request
 from core.errors import BadRequest, Forbidden, NotEligible, NotFound, RequestNotOpen, SigngateError
 from core.metrics import DECISION_SECONDS, DECISIONS, SIGNING_REQUESTS_OPENED
 from core.schemas import TERMINAL_STATUSES, Artifact, DecisionInput, RequestState
+from store import audit
 from store.db import session_scope
 from store.identities import Principal
 from store.models import SigningRequest
@@ -204,7 +206,8 @@ async def _open(
     request: Request,
     idempotency_key: str | None,
     **kwargs: Any,
-) -> RequestPublic:
+) -> tuple[RequestPublic, bool]:
+    """Open a request; the flag is False when an Idempotency-Key replay found it already open."""
     from activities.requests import persist_request_state
     from core.schemas import PersistRequestInput
 
@@ -217,7 +220,7 @@ async def _open(
         with session_scope(ctx.engine) as session:
             existing = session.get(SigningRequest, request_id)
             if existing is not None:
-                return public(state_of(existing), resubmission_ids(session, request_id))
+                return public(state_of(existing), resubmission_ids(session, request_id)), False
 
     def build() -> Any:
         with session_scope(ctx.engine) as session:
@@ -236,7 +239,7 @@ async def _open(
     await run_in_threadpool(
         persist_request_state, ctx.engine, PersistRequestInput(state=workflow_input.request)
     )
-    return public(workflow_input.request, [])
+    return public(workflow_input.request, []), True
 
 
 @router.post("/pki/signing-requests", status_code=201, response_model=RequestPublic)
@@ -248,7 +251,7 @@ async def create_request(
     principal: RequestingMember,
     idempotency_key: IdempotencyKey = None,
 ) -> RequestPublic:
-    return await _open(
+    opened, _ = await _open(
         ctx,
         temporal,
         principal,
@@ -263,6 +266,7 @@ async def create_request(
         origin=body.origin or {},
         client_metadata=body.client_metadata or {},
     )
+    return opened
 
 
 @router.get("/pki/signing-requests", response_model=Page[RequestPublic])
@@ -411,7 +415,7 @@ async def resubmit(
             f"only an approved request can be resubmitted; this one is {original.status}",
             code="request_not_approved",
         )
-    return await _open(
+    created, is_new = await _open(
         ctx,
         temporal,
         principal,
@@ -427,6 +431,26 @@ async def resubmit(
         client_metadata=original.client_metadata,
         original_request_id=original.id,
     )
+
+    def record_link() -> None:
+        with session_scope(ctx.engine) as session:
+            audit.record(
+                session,
+                actor=actor_of(principal, request),
+                action="signing_request.resubmitted",
+                entity_type="signing_request",
+                entity_id=original.id,
+                request_id=original.id,
+                data={
+                    "resubmissionId": created.id,
+                    "signerId": created.signer_id,
+                    "signerName": created.signer_name,
+                },
+            )
+
+    if is_new:
+        await run_in_threadpool(record_link)
+    return created
 
 
 @router.get("/pki/signing-requests/{request_id}/result", response_model=RequestPublic)
