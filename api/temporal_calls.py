@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio.client import (
     Client,
@@ -89,10 +89,13 @@ async def decide(
     return result
 
 
-async def signal_pre_approval(client: Client, workflow_id: str, pre_approval_id: str) -> None:
+async def signal_pre_approval(
+    client: Client, workflow_id: str, pre_approval_id: str, not_before: datetime | None = None
+) -> None:
     try:
         await client.get_workflow_handle(workflow_id).signal(
-            "pre_approval_available", PreApprovalSignal(pre_approval_id=pre_approval_id)
+            "pre_approval_available",
+            PreApprovalSignal(pre_approval_id=pre_approval_id, not_before=not_before),
         )
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:

@@ -124,6 +124,8 @@ class DecisionInput(BaseModel):
 
 class PreApprovalSignal(BaseModel):
     pre_approval_id: str | None = None
+    # Set when the pre-approval starts later: the workflow claims it then.
+    not_before: datetime | None = None
 
 
 class AuditNote(BaseModel):

@@ -236,6 +236,23 @@ async def test_a_waiting_request_is_released_by_a_later_pre_approval(api: Api) -
     assert (await _pre_approval(api, s, pre["id"]))["status"] == "used"
 
 
+async def test_a_waiting_request_is_released_when_a_later_pre_approval_starts(api: Api) -> None:
+    s = await _setup(api)
+    req = await api.open_request(s.requester, s.signer["id"])
+    starts = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
+    pre = await _pre_approve(api, s, singleUse=True, notBefore=_rfc3339(starts))
+    await _stays_open(api, s, req["id"])
+    assert datetime.now(UTC) < starts
+
+    async def approved() -> bool:
+        r = await api.call("GET", f"/pki/signing-requests/{req['id']}", s.requester, expect=200)
+        return bool(r.json()["status"] == "approved")
+
+    await assert_eventually(approved, timeout=15)
+    assert datetime.now(UTC) >= starts
+    await _approved_by(api, s, req["id"], pre["id"])
+
+
 async def test_a_single_use_pre_approval_releases_one_of_several_waiting(api: Api) -> None:
     s = await _setup(api)
     waiting = [await api.open_request(s.requester, s.signer["id"]) for _ in range(3)]

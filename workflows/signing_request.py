@@ -10,7 +10,7 @@ that caused it returns.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -57,6 +57,8 @@ class SigningRequestWorkflow:
         self._policy = input.policy
         self._granting = False
         self._pre_approval_pending = False
+        self._pre_approval_wake_at: datetime | None = None
+        self._wake_changed = False
         self._persist_lock = asyncio.Lock()
         if self._request.steps and self._request.current_step is None:
             self._request.current_step = 0
@@ -99,19 +101,29 @@ class SigningRequestWorkflow:
     async def _wait_for_decision(self) -> None:
         request = self._request
         while request.status == "open":
-            remaining = (request.expires_at - workflow.now()).total_seconds()
+            now = workflow.now()
+            remaining = (request.expires_at - now).total_seconds()
             if remaining <= 0 and not self._granting:
                 await self._close("expired", None, None, "expired")
                 return
+            timeout: float | None = max(remaining, 0.001)
+            if self._pre_approval_wake_at is not None:
+                # A pre-approval that starts later releases this request when it starts.
+                timeout = min(remaining, max((self._pre_approval_wake_at - now).total_seconds(), 0.001))
+            self._wake_changed = False
             try:
                 await workflow.wait_condition(
-                    lambda: request.status != "open" or self._pre_approval_pending,
-                    timeout=max(remaining, 0.001) if not self._granting else None,
+                    lambda: request.status != "open" or self._pre_approval_pending or self._wake_changed,
+                    timeout=timeout if not self._granting else None,
                 )
             except TimeoutError:
-                if request.status == "open" and not self._granting:
+                wake_at = self._pre_approval_wake_at
+                if wake_at is not None and workflow.now() >= wake_at:
+                    self._pre_approval_wake_at = None
+                    self._pre_approval_pending = True
+                elif request.status == "open" and not self._granting:
                     await self._close("expired", None, None, "expired")
-                continue
+                    continue
             if self._pre_approval_pending and request.status == "open" and not self._granting:
                 self._pre_approval_pending = False
                 await self._try_pre_approval()
@@ -259,6 +271,11 @@ class SigningRequestWorkflow:
 
     @workflow.signal
     def pre_approval_available(self, signal: PreApprovalSignal) -> None:
+        if signal.not_before is not None and signal.not_before > workflow.now():
+            if self._pre_approval_wake_at is None or signal.not_before < self._pre_approval_wake_at:
+                self._pre_approval_wake_at = signal.not_before
+                self._wake_changed = True
+            return
         self._pre_approval_pending = True
 
     @workflow.query

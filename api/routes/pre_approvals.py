@@ -141,10 +141,10 @@ async def create_pre_approval(
     row = await run_in_threadpool(create)
     # Requests already waiting are released: each claims the pre-approval through the same
     # activity as a new request, so a single-use one still serves exactly one of them.
-    if row.not_before <= utcnow() and ctx.temporal is not None:
+    if ctx.temporal is not None:
         waiting = await run_in_threadpool(waiting_workflows)
         outcomes = await asyncio.gather(
-            *(signal_pre_approval(ctx.temporal, w, row.id) for w in waiting),
+            *(signal_pre_approval(ctx.temporal, w, row.id, row.not_before) for w in waiting),
             return_exceptions=True,
         )
         for workflow_id, outcome in zip(waiting, outcomes, strict=True):
