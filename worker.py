@@ -27,7 +27,13 @@ def build_worker(client: Client, settings: Settings, engine: Engine, key_store: 
         client,
         task_queue=settings.task_queue,
         workflows=[SigningRequestWorkflow],
-        activities=[acts.persist_request, acts.issue_grant, acts.sign_artifact, acts.claim_pre_approval],
+        activities=[
+            acts.persist_request,
+            acts.issue_grant,
+            acts.sign_artifact,
+            acts.claim_pre_approval,
+            acts.release_pre_approval,
+        ],
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
         max_concurrent_activities=32,
         # Activities are short database writes: let running ones finish on shutdown.

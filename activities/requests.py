@@ -22,6 +22,7 @@ from core.schemas import (
     IssuedGrant,
     IssueGrantInput,
     PersistRequestInput,
+    ReleasePreApprovalInput,
     SignArtifactInput,
     SignArtifactOutcome,
 )
@@ -155,6 +156,37 @@ class RequestActivities:
             producer=build,
         )
         return base64.b64encode(result.signature).decode()
+
+    @activity.defn(name="release_pre_approval")
+    def release_pre_approval(self, input: ReleasePreApprovalInput) -> None:
+        """Give back a claim the request could not use (it was decided while claiming), so a
+        single-use pre-approval still serves exactly one request. Idempotent per request."""
+        with session_scope(self.engine) as session:
+            released = session.execute(
+                select(AuditEvent.id).where(  # type: ignore[call-overload]
+                    AuditEvent.request_id == input.request_id,
+                    AuditEvent.action == "pre_approval.released",
+                )
+            ).first()
+            row = session.get(PreApproval, input.pre_approval_id, with_for_update=True)
+            if released is not None or row is None:
+                return
+            row.used_count = max(row.used_count - 1, 0)
+            if row.single_use and row.status == "used":
+                row.status = "active"
+            if row.last_used_request_id == input.request_id:
+                row.last_used_request_id = None
+            session.add(row)
+            session.flush()
+            audit.record(
+                session,
+                actor=audit.SYSTEM,
+                action="pre_approval.released",
+                entity_type="pre_approval",
+                entity_id=row.id,
+                request_id=input.request_id,
+                data={"reason": "the request was decided while the pre-approval was claimed"},
+            )
 
     @activity.defn(name="claim_pre_approval")
     def claim_pre_approval(self, input: ClaimPreApprovalInput) -> str | None:

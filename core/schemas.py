@@ -179,3 +179,8 @@ class ClaimPreApprovalInput(BaseModel):
     identity_id: str
     ip_address: str | None = None
     signing_executable: str | None = None
+
+
+class ReleasePreApprovalInput(BaseModel):
+    pre_approval_id: str
+    request_id: str

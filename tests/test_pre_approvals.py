@@ -418,6 +418,32 @@ async def test_a_retried_claim_counts_once(api: Api, engine: Engine) -> None:
     assert (await _pre_approval(api, s, pre["id"]))["usedCount"] == 2
 
 
+async def test_a_claim_the_request_could_not_use_is_given_back(api: Api, engine: Engine) -> None:
+    """A request decided while its claim ran releases the claim: the single-use pre-approval
+    is active again for the next request, and a retried release changes nothing."""
+    from core.schemas import ReleasePreApprovalInput
+
+    s = await _setup(api)
+    pre = await _pre_approve(api, s, singleUse=True)
+    activities = RequestActivities(engine, key_store=None)
+    claim = ClaimPreApprovalInput(
+        request_id=str(uuid.uuid4()),
+        signer_id=s.signer["id"],
+        identity_id=s.requester.id,
+        ip_address=CLIENT_IP,
+    )
+    assert await asyncio.to_thread(activities.claim_pre_approval, claim) == pre["id"]
+    assert (await _pre_approval(api, s, pre["id"]))["status"] == "used"
+    release = ReleasePreApprovalInput(pre_approval_id=pre["id"], request_id=claim.request_id)
+    await asyncio.to_thread(activities.release_pre_approval, release)
+    await asyncio.to_thread(activities.release_pre_approval, release)
+    after = await _pre_approval(api, s, pre["id"])
+    assert after["status"] == "active"
+    assert after["usedCount"] == 0
+    nxt = await api.open_request(s.requester, s.signer["id"])
+    await _approved_by(api, s, nxt["id"], pre["id"])
+
+
 async def test_an_ipv4_mapped_address_matches_its_ipv4_form(api: Api, engine: Engine) -> None:
     s = await _setup(api)
     pre = await _pre_approve(api, s, ipAddress="::ffff:192.0.2.10")

@@ -88,7 +88,13 @@ def _worker(client: Client, acts: RequestActivities, task_queue: str) -> Worker:
         client,
         task_queue=task_queue,
         workflows=[SigningRequestWorkflow],
-        activities=[acts.persist_request, acts.issue_grant, acts.sign_artifact, acts.claim_pre_approval],
+        activities=[
+            acts.persist_request,
+            acts.issue_grant,
+            acts.sign_artifact,
+            acts.claim_pre_approval,
+            acts.release_pre_approval,
+        ],
         activity_executor=concurrent.futures.ThreadPoolExecutor(4),
     )
 

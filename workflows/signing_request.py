@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         IssueGrantInput,
         PersistRequestInput,
         PreApprovalSignal,
+        ReleasePreApprovalInput,
         RequestState,
         SignArtifactInput,
         SignArtifactOutcome,
@@ -148,9 +149,18 @@ class SigningRequestWorkflow:
             start_to_close_timeout=ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
         )
-        if claimed and request.status == "open" and not self._granting:
+        if not claimed:
+            return
+        if request.status == "open" and not self._granting:
             request.pre_approval_id = claimed
             await self._approve_without_steps("pre-approval", "pre-approval")
+        else:
+            await workflow.execute_activity(
+                "release_pre_approval",
+                ReleasePreApprovalInput(pre_approval_id=claimed, request_id=request.id),
+                start_to_close_timeout=ACTIVITY_TIMEOUT,
+                retry_policy=ACTIVITY_RETRY,
+            )
 
     async def _approve_without_steps(self, bypass: str | None, reason: str) -> None:
         request = self._request
