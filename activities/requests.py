@@ -93,7 +93,7 @@ class RequestActivities:
             if row is not None and row.signature:
                 return SignArtifactOutcome(signature=row.signature)
         artifact = input.artifact
-        actor = audit.Actor(id=input.identity_id, name=None, ip_address=input.ip_address)
+        actor = audit.Actor(id=input.identity_id, name=input.identity_name, ip_address=input.ip_address)
         try:
             if artifact.format == "cms":
                 signature = self._sign_cms(input, actor)

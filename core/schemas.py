@@ -162,6 +162,7 @@ class SignArtifactInput(BaseModel):
     grant_id: str
     signer_id: str
     identity_id: str
+    identity_name: str | None = None
     artifact: Artifact
     client_metadata: dict[str, Any] = Field(default_factory=dict)
     ip_address: str | None = None

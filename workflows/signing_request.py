@@ -354,6 +354,7 @@ class SigningRequestWorkflow:
                     grant_id=issued.grant_id,
                     signer_id=request.signer_id,
                     identity_id=request.requester_id,
+                    identity_name=request.requester_name,
                     artifact=request.artifact,
                     client_metadata=request.client_metadata,
                     ip_address=request.ip_address,
