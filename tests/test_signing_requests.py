@@ -278,3 +278,44 @@ async def test_workflow_search_attributes_and_state_query(api: Api, temporal_env
 
     await assert_eventually(listed, timeout=15)
     await api.call("POST", f"/pki/signing-requests/{req['id']}/cancel", requester, json={}, expect=200)
+
+
+async def test_audit_history_of_one_request_in_order(api: Api) -> None:
+    requester = await api.identity()
+    auditor = await api.identity(scopes=["audit:read"])
+    a, b = await api.identity(), await api.identity()
+    policy = await api.policy([([a], 1), ([b], 1)], maxSignings=5)
+    signer = await api.signer(members=[requester], policy_id=policy["id"])
+    req = await api.open_request(requester, signer["id"], allowedSignOperations=2)
+    await api.call(
+        "POST", f"/pki/signing-requests/{req['id']}/approve", a, json={"comment": "built by CI"}, expect=200
+    )
+    approved = await api.call("POST", f"/pki/signing-requests/{req['id']}/approve", b, json={}, expect=200)
+    digest = base64.b64encode(hashlib.sha256(b"audited").digest()).decode()
+    sign = {"data": digest, "signingAlgorithm": "ECDSA_SHA256", "isDigest": True}
+    for _ in range(2):
+        await api.call("POST", f"/pki/signers/{signer['id']}/sign", requester, json=sign, expect=200)
+    await api.call("POST", f"/pki/signers/{signer['id']}/sign", requester, json=sign, expect=403)
+
+    events = (await api.call("GET", f"/audit-events?requestId={req['id']}", auditor, expect=200)).json()[
+        "items"
+    ]
+    actions = [e["action"] for e in events]
+    assert actions == [
+        "signing_request.opened",
+        "signing_request.approval",
+        "signing_request.step_completed",
+        "signing_request.approval",
+        "signing_request.step_completed",
+        "grant.issued",
+        "signing_request.approved",
+        "signing_operation.success",
+        "signing_operation.success",
+    ]
+    assert [e["actorId"] for e in events if e["action"] == "signing_request.approval"] == [a.id, b.id]
+    assert events[1]["data"]["comment"] == "built by CI"
+    assert events[5]["entityId"] == approved.json()["grantId"]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    chain = (await api.call("GET", "/audit-events/verify", auditor, expect=200)).json()
+    assert chain["valid"] is True
