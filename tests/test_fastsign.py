@@ -1,0 +1,179 @@
+"""Group commit on the sign path: many calls in one transaction, each with its own outcome.
+
+`run_batch` is driven directly so the calls certainly share one batch; the API tests cover
+the same path one call at a time, and `test_concurrency_pg` across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlmodel import Session
+
+from core.errors import ApprovalRequired, BadRequest, Forbidden, NotFound, SigngateError, Unauthorized
+from store import audit
+from store.fastsign import SignBatcher, SignCall, open_database, run_batch
+from store.models import ApiToken, AuditEvent, Grant, SigningOperation
+from store.signing import SignResult
+from tests.conftest import Api, Ident
+
+DIGEST = base64.b64encode(hashlib.sha256(b"release 1.0").digest()).decode()
+
+
+def insert_grant(engine: Engine, *, signer_id: str, identity_id: str, operations: int) -> str:
+    now = datetime.now(UTC)
+    grant = Grant(
+        id=str(uuid.uuid4()),
+        request_id=str(uuid.uuid4()),
+        signer_id=signer_id,
+        identity_id=identity_id,
+        valid_from=now - timedelta(minutes=1),
+        valid_until=now + timedelta(hours=1),
+        allowed_sign_operations=operations,
+    )
+    with Session(engine, expire_on_commit=False) as session:
+        session.add(grant)
+        session.commit()
+    return grant.id
+
+
+def call(who: Ident, signer_id: str, **overrides: Any) -> SignCall:
+    fields: dict[str, Any] = {
+        "signer_id": signer_id,
+        "signing_algorithm": "ECDSA_SHA256",
+        "data_b64": DIGEST,
+        "is_digest": True,
+        "token": who.token,
+        "ip_address": "198.51.100.9",
+    }
+    return SignCall(**{**fields, **overrides})
+
+
+def chain_report(engine: Engine) -> audit.ChainReport:
+    with Session(engine) as session:
+        return audit.verify(session)
+
+
+def operations_of(engine: Engine, signer_id: str) -> list[SigningOperation]:
+    with Session(engine) as session:
+        return list(
+            session.exec(select(SigningOperation).where(SigningOperation.signer_id == signer_id))  # type: ignore[call-overload]
+            .scalars()
+            .all()
+        )
+
+
+async def policy_signer(api: Api, members: list[Ident]) -> dict[str, Any]:
+    approver = await api.identity()
+    policy = await api.policy([([approver], 1)])
+    return await api.signer(members=members, policy_id=policy["id"])
+
+
+async def test_fifty_calls_in_one_batch_spend_exactly_the_grant(api: Api, app: Any, engine: Engine) -> None:
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=7)
+    before = chain_report(engine)
+
+    db = open_database(engine)
+    try:
+        outcomes = run_batch(db, app.state.ctx.key_store, [call(member, signer["id"]) for _ in range(50)])
+    finally:
+        db.close()
+
+    successes = [o for o in outcomes if isinstance(o, SignResult)]
+    assert len(successes) == 7
+    assert all(isinstance(o, ApprovalRequired) for o in outcomes if not isinstance(o, SignResult))
+    assert {s.grant_id for s in successes} == {grant_id}
+    with Session(engine) as session:
+        grant = session.get(Grant, grant_id)
+        assert grant is not None
+        assert (grant.used_sign_operations, grant.status) == (7, "exhausted")
+        events = session.exec(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.seq > before.head_seq)  # type: ignore[arg-type]
+        ).one()
+    ops = operations_of(engine, signer["id"])
+    assert Counter(op.status for op in ops) == {"success": 7, "denied": 43}
+    assert {op.id for op in ops if op.status == "success"} == {s.operation_id for s in successes}
+    assert all(op.grant_id == grant_id and op.request_id for op in ops if op.status == "success")
+    assert all(op.ip_address == "198.51.100.9" and op.actor_id == member.id for op in ops)
+    report = chain_report(engine)
+    assert report.valid, report
+    assert events[0] == 50 and report.head_seq >= before.head_seq + 50
+
+
+async def test_a_mixed_batch_answers_each_call_on_its_own(api: Api, app: Any, engine: Engine) -> None:
+    member = await api.identity(scopes=["codesign:sign"])
+    no_scope = await api.identity(scopes=["codesign:request"])
+    outsider = await api.identity(scopes=["codesign:sign"])
+    revoked = await api.identity(scopes=["codesign:sign"])
+    open_signer = await api.signer(members=[member, no_scope, revoked])
+    grant_signer = await policy_signer(api, [member])
+    with Session(engine) as session:
+        token_id = session.execute(select(ApiToken.id).where(ApiToken.identity_id == revoked.id)).scalar_one()  # type: ignore[call-overload]
+    await api.call("DELETE", f"/identities/{revoked.id}/tokens/{token_id}", api.admin, expect=204)
+    before = chain_report(engine)
+
+    calls = [
+        call(member, open_signer["id"]),  # signed
+        call(no_scope, open_signer["id"]),  # 403 forbidden, not recorded
+        call(outsider, open_signer["id"]),  # 403 not_member, not recorded
+        call(revoked, open_signer["id"]),  # 401, not recorded
+        call(member, "no-such-signer"),  # 404, not recorded
+        call(member, open_signer["id"], data_b64="%%"),  # 400, not recorded
+        call(member, grant_signer["id"]),  # 403 approval_required, recorded as denied
+        call(member, open_signer["id"], is_digest=False, data_b64=base64.b64encode(b"x").decode()),  # signed
+    ]
+    db = open_database(engine)
+    try:
+        outcomes = run_batch(db, app.state.ctx.key_store, calls)
+    finally:
+        db.close()
+
+    kinds = [type(o) if not isinstance(o, SigngateError) else (type(o), o.code) for o in outcomes]
+    assert kinds == [
+        SignResult,
+        (Forbidden, "forbidden"),
+        (Forbidden, "not_member"),
+        (Unauthorized, "unauthorized"),
+        (NotFound, "not_found"),
+        (BadRequest, "invalid_data"),
+        (ApprovalRequired, "approval_required"),
+        SignResult,
+    ]
+    assert Counter(op.status for op in operations_of(engine, open_signer["id"])) == {"success": 2}
+    assert [op.status for op in operations_of(engine, grant_signer["id"])] == ["denied"]
+    report = chain_report(engine)
+    assert report.valid and report.count - before.count == 3
+
+
+async def test_calls_of_one_loop_turn_share_a_batch(api: Api, app: Any, engine: Engine) -> None:
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=5)
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    sizes: list[int] = []
+    original = batcher._run
+
+    def counting(calls: list[SignCall]) -> Any:
+        sizes.append(len(calls))
+        return original(calls)
+
+    batcher._run = counting  # type: ignore[method-assign]
+    try:
+        outcomes = await asyncio.gather(
+            *(batcher.sign(call(member, signer["id"])) for _ in range(20)), return_exceptions=True
+        )
+    finally:
+        batcher.close()
+    assert sizes == [20]
+    assert sum(isinstance(o, SignResult) for o in outcomes) == 5
+    assert all(isinstance(o, ApprovalRequired) for o in outcomes if not isinstance(o, SignResult))
+    assert chain_report(engine).valid
