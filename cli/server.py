@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.config
+import socket
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -195,26 +197,128 @@ def connect_failure(exc: BaseException) -> str:
 def serve_api(
     settings: Settings, *, host: str, port: int, workers: int, forwarded_allow_ips: str | None
 ) -> None:
-    """uvicorn over `api.main:create_app`; each worker process reads its settings from the env."""
-    import uvicorn
+    """uvicorn over `api.main:create_app`, in `workers` processes; each reads its settings from the env.
 
+    Each process gets a listening socket of its own on the same port (SO_REUSEPORT), so the
+    kernel spreads connections over them; `uvicorn --workers` shares one socket, on which
+    keep-alive clients often all land in one process, and loses TCP_NODELAY (every answer then
+    waits for a delayed ACK). The sockets are bound here, so a taken port is one clear line.
+    """
     require_master_key(settings)
     engine = open_database(settings)
     try:
         require_current_schema(engine, settings)
     finally:
         engine.dispose()
+    sockets = listening_sockets(host, port, workers)
+    port = sockets[0].getsockname()[1]
     log.info("serving the API on http://%s:%d with %d worker(s)", host, port, workers)
-    uvicorn.run(
-        "api.main:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=logging_config(settings.log_level),
-        forwarded_allow_ips=forwarded_allow_ips,
-        timeout_graceful_shutdown=10,
-    )
+    options = ApiProcess(log_level=settings.log_level, forwarded_allow_ips=forwarded_allow_ips)
+    if workers == 1:
+        options.serve(sockets[0])
+        return
+    supervise_api(options, sockets)
+
+
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listening sockets on one address, with TCP_NODELAY inherited by every connection."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve on {host!r}: {exc.strerror or exc}") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if count > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+            sock.set_inheritable(True)
+            # Port 0 picks a port once; the other sockets join it.
+            address = sock.getsockname()
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server on that port?)"
+        ) from exc
+    return sockets
+
+
+@dataclass(frozen=True)
+class ApiProcess:
+    """What one API process needs besides its socket; picklable for spawned processes."""
+
+    log_level: str
+    forwarded_allow_ips: str | None
+
+    def serve(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        configure_logging(self.log_level)
+        config = uvicorn.Config(
+            "api.main:create_app",
+            factory=True,
+            loop="uvloop",
+            http="httptools",
+            log_config=logging_config(self.log_level),
+            forwarded_allow_ips=self.forwarded_allow_ips,
+            timeout_graceful_shutdown=10,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def supervise_api(options: ApiProcess, sockets: list[socket.socket]) -> None:
+    """Run one spawned process per socket; stop them all on SIGINT/SIGTERM or when one dies."""
+    import multiprocessing
+    import signal
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=options.serve, args=(sock,), name=f"signgate-api-{n}")
+        for n, sock in enumerate(sockets, start=1)
+    ]
+    for process in processes:
+        process.start()
+    for sock in sockets:
+        sock.close()
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failed: multiprocessing.process.BaseProcess | None = None
+    try:
+        while not stopping and failed is None:
+            for process in processes:
+                process.join(timeout=0.2)
+                if process.exitcode is not None:
+                    failed = process
+                    break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for process in processes:
+            if process.exitcode is None:
+                process.terminate()
+        deadline = time.monotonic() + 15
+        for process in processes:
+            process.join(timeout=max(deadline - time.monotonic(), 0.1))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+    if failed is not None and not stopping:
+        log.error("API process %s exited with status %s; stopped the others", failed.name, failed.exitcode)
+        raise SystemExit(1)
 
 
 def serve_worker(settings: Settings) -> None:
