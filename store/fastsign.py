@@ -31,7 +31,6 @@ import base64
 import concurrent.futures
 import fcntl
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -58,7 +57,7 @@ from core.errors import (
 from core.metrics import SIGN_OPERATIONS
 from core.timeutil import as_utc, utcnow
 from store import audit
-from store.identities import TOKEN_PREFIX, hash_token
+from store.identities import hash_token, token_shaped, token_usable
 from store.signing import (
     CachingKeyStore,
     SignerKey,
@@ -333,17 +332,15 @@ Outcome = SignResult | SigngateError
 
 def authenticate(db: Database, token: str | None, now: datetime) -> tuple[audit.Actor, frozenset[str]]:
     """The caller of a token, looked up on this call; Unauthorized for unknown, expired, revoked."""
-    if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+    if not token_shaped(token):
         raise Unauthorized(_UNAUTHORIZED)
+    assert token is not None
     digest = hash_token(token)
     found = db.rows(_CALLER, {"token_hash": digest})
     if not found:
         raise Unauthorized(_UNAUTHORIZED)
     stored_hash, scopes, expires_at, revoked_at, identity_id, name = found[0]
-    if not hmac.compare_digest(stored_hash, digest) or revoked_at is not None:
-        raise Unauthorized(_UNAUTHORIZED)
-    expiry = db.read_time(expires_at)
-    if expiry is not None and expiry <= now:
+    if not token_usable(stored_hash, digest, revoked_at, db.read_time(expires_at), now):
         raise Unauthorized(_UNAUTHORIZED)
     return audit.Actor(id=identity_id, name=name), frozenset(db.read_json(scopes))
 

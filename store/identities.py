@@ -46,9 +46,22 @@ class Principal:
         return "admin" in self.scopes
 
 
+def token_shaped(token: str | None) -> bool:
+    return bool(token) and token.startswith(TOKEN_PREFIX) and len(token) <= 200  # type: ignore[union-attr]
+
+
+def token_usable(
+    stored_hash: str, digest: str, revoked_at: datetime | None, expires_at: datetime | None, now: datetime
+) -> bool:
+    """The one rule for a stored token: same hash (constant time), not revoked, not expired."""
+    if not hmac.compare_digest(stored_hash, digest) or revoked_at is not None:
+        return False
+    return expires_at is None or expires_at > now
+
+
 def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> Principal | None:
     """Resolve a bearer token; None for unknown, expired or revoked alike."""
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+    if not token_shaped(token):
         return None
     digest = hash_token(token)
     with engine.connect() as conn:
@@ -67,12 +80,7 @@ def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> 
             .where(ApiToken.token_hash == digest)
         ).first()
         conn.rollback()
-    if row is None or not hmac.compare_digest(row[1], digest):
-        return None
-    if row[4] is not None:
-        return None
-    current = now or utcnow()
-    if row[3] is not None and row[3] <= current:
+    if row is None or not token_usable(row[1], digest, row[4], row[3], now or utcnow()):
         return None
     return Principal(identity_id=row[5], name=row[6], kind=row[7], scopes=frozenset(row[2]), token_id=row[0])
 
