@@ -42,6 +42,9 @@ def create_app(
             ctx.temporal = await connect(settings, lazy=True)
             ctx.owns_temporal = True
         yield
+        batcher = ctx.extra.pop("sign_batcher", None)
+        if batcher is not None:
+            batcher.close()  # type: ignore[attr-defined]
         if ctx.owns_engine:
             ctx.engine.dispose()
 
