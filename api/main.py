@@ -92,3 +92,6 @@ def _include_optional_routes(app: FastAPI) -> None:
                 raise
             continue
         app.include_router(module.router, prefix="/api/v1")
+        install = getattr(module, "install_fast_sign", None)
+        if install is not None:
+            install(app, prefix="/api/v1")

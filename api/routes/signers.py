@@ -13,8 +13,10 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import Field, ValidationError, model_validator
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from api.context import AppContext
 from api.deps import (
@@ -29,7 +31,7 @@ from api.deps import (
     require_any_scope,
 )
 from api.schemas import ApiModel, Page
-from core.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from core.errors import BadRequest, Forbidden, NotFound, SigngateError, Unauthorized
 from pki.algorithms import supported_algorithms
 from store import signers as store
 from store.db import session_scope
@@ -323,23 +325,61 @@ async def sign(signer_id: str, request: Request) -> Response:
     Needs `codesign:sign` and membership, checked in the sign batch (`store.fastsign`) rather
     than by `SignerAccess`: the token, membership, grant and record then cost one visit to
     the database, shared with the calls that arrive alongside.
+
+    Served by `FastSignRoute` (installed ahead of the FastAPI routes by `install_fast_sign`);
+    this handler documents the call in the OpenAPI document and answers the same way should
+    the app be built without the fast route.
     """
-    body, input_error = _read_sign_body(await request.body(), request.headers.get("content-type"))
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("a valid bearer token is required")
-    call = SignCall(
-        signer_id=signer_id,
-        signing_algorithm=body.signing_algorithm if body is not None else "",
-        data_b64=body.data if body is not None else "",
-        is_digest=body.is_digest if body is not None else False,
-        client_metadata=body.client_metadata if body is not None else None,
-        token=token.strip(),
-        ip_address=client_ip(request),
-        input_error=input_error,
+    headers = request.headers
+    status, content, extra = await _sign_answer(
+        get_context(request),
+        signer_id,
+        await request.body(),
+        headers.get("content-type"),
+        headers.get("authorization", ""),
+        client_ip(request),
     )
-    result = await sign_batcher(get_context(request)).sign(call)
+    return Response(content=content, status_code=status, media_type="application/json", headers=extra)
+
+
+_JSON_HEADER = (b"content-type", b"application/json")
+_UNAUTHORIZED_HEADER = (b"www-authenticate", b"Bearer")
+
+
+def _error_body(exc: SigngateError) -> bytes:
+    # As `api.errors.error_response` (a JSONResponse) renders it.
+    content = {"error": exc.code, "error_description": exc.description}
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _sign_answer(
+    ctx: AppContext,
+    signer_id: str,
+    raw: bytes,
+    content_type: str | None,
+    authorization: str,
+    ip_address: str | None,
+) -> tuple[int, bytes, dict[str, str] | None]:
+    """(status, JSON body, extra headers) of one sign call: the one place its answers are made."""
+    try:
+        body, input_error = _read_sign_body(raw, content_type)
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("a valid bearer token is required")
+        call = SignCall(
+            signer_id=signer_id,
+            signing_algorithm=body.signing_algorithm if body is not None else "",
+            data_b64=body.data if body is not None else "",
+            is_digest=body.is_digest if body is not None else False,
+            client_metadata=body.client_metadata if body is not None else None,
+            token=token.strip(),
+            ip_address=ip_address,
+            input_error=input_error,
+        )
+        result = await sign_batcher(ctx).sign(call)
+    except SigngateError as exc:
+        extra = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return exc.status_code, _error_body(exc), extra
     answer = {
         "signature": base64.b64encode(result.signature).decode("ascii"),
         "signingAlgorithm": result.signing_algorithm,
@@ -347,7 +387,61 @@ async def sign(signer_id: str, request: Request) -> Response:
         "grantId": result.grant_id,
         "operationId": result.operation_id,
     }
-    return Response(content=json.dumps(answer, separators=(",", ":")), media_type="application/json")
+    return 200, json.dumps(answer, separators=(",", ":")).encode(), None
+
+
+class FastSignEndpoint:
+    """The sign call as a bare ASGI app: no dependency injection, no Request or Response objects.
+
+    Reads the body and the two headers it needs straight from the ASGI scope and writes one
+    pre-encoded answer; the rules and the answers are `_sign_answer`'s, shared with `sign`.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type: str | None = None
+        authorization: str | None = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                if content_type is None:
+                    content_type = value.decode("latin-1")
+            elif name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        client = scope.get("client")
+        status, content, extra = await _sign_answer(
+            scope["app"].state.ctx,
+            scope["path_params"]["signer_id"],
+            chunks[0] if len(chunks) == 1 else b"".join(chunks),
+            content_type,
+            authorization or "",
+            client[0] if client else None,
+        )
+        headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode())]
+        if extra is not None:
+            headers.append(_UNAUTHORIZED_HEADER)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def install_fast_sign(app: FastAPI, prefix: str = "/api/v1") -> None:
+    """Serve the sign call by `FastSignEndpoint`, matched before every FastAPI route.
+
+    The FastAPI route stays registered so the OpenAPI document still describes the call.
+    """
+    route = Route(
+        prefix + "/pki/signers/{signer_id}/sign",
+        endpoint=FastSignEndpoint(),
+        methods=["POST"],
+        include_in_schema=False,
+    )
+    app.router.routes.insert(0, route)
 
 
 @router.post("/pki/signers/{signer_id}/verify", response_model=VerifyOut)
