@@ -177,3 +177,71 @@ async def test_calls_of_one_loop_turn_share_a_batch(api: Api, app: Any, engine: 
     assert sum(isinstance(o, SignResult) for o in outcomes) == 5
     assert all(isinstance(o, ApprovalRequired) for o in outcomes if not isinstance(o, SignResult))
     assert chain_report(engine).valid
+
+
+async def test_ec_batches_run_on_the_loop_once_the_key_is_known(api: Api, app: Any, engine: Engine) -> None:
+    """SQLite only: a batch for signers last seen with an EC key skips the thread; RSA never does."""
+    import threading
+
+    member = await api.identity(scopes=["codesign:sign"])
+    ec_signer = await policy_signer(api, [member])
+    insert_grant(engine, signer_id=ec_signer["id"], identity_id=member.id, operations=3)
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    threads: list[str] = []
+    original = batcher._run
+
+    def recording(calls: list[SignCall]) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(calls)
+
+    batcher._run = recording  # type: ignore[method-assign]
+    try:
+        outcomes = [
+            await asyncio.gather(batcher.sign(call(member, ec_signer["id"])), return_exceptions=True)
+            for _ in range(4)
+        ]
+    finally:
+        batcher.close()
+    on_loop = threading.current_thread().name
+    if engine.url.get_backend_name() == "sqlite":
+        assert threads[0] != on_loop and threads[1:] == [on_loop] * 3
+    else:
+        assert on_loop not in threads
+    assert [type(o[0]) for o in outcomes] == [SignResult] * 3 + [ApprovalRequired]
+    assert Counter(op.status for op in operations_of(engine, ec_signer["id"])) == {"success": 3, "denied": 1}
+
+    rsa_signer = await api.signer(members=[member], key_algorithm="RSA_2048")
+    threads.clear()
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    original = batcher._run
+    batcher._run = recording  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            await batcher.sign(call(member, rsa_signer["id"], signing_algorithm="RSASSA_PKCS1_V1_5_SHA256"))
+    finally:
+        batcher.close()
+    assert len(threads) == 2 and on_loop not in threads
+    assert chain_report(engine).valid
+
+
+async def test_sign_is_served_by_the_bare_route_and_still_documented(api: Api, app: Any) -> None:
+    from starlette.routing import Route
+
+    from api.routes.signers import FastSignEndpoint
+
+    first = app.router.routes[0]
+    assert isinstance(first, Route) and isinstance(first.endpoint, FastSignEndpoint)
+    assert "post" in app.openapi()["paths"]["/api/v1/pki/signers/{signer_id}/sign"]
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    path = f"/pki/signers/{signer['id']}/sign"
+    r = await api.call(
+        "POST", path, member, json={"data": DIGEST, "signingAlgorithm": "ECDSA_SHA256", "isDigest": True}
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert set(r.json()) == {"signature", "signingAlgorithm", "signerId", "grantId", "operationId"}
+    r = await api.http.post("/api/v1" + path, json={"data": DIGEST, "signingAlgorithm": "ECDSA_SHA256"})
+    assert (r.status_code, r.headers.get("www-authenticate")) == (401, "Bearer")
+    assert r.json() == {"error": "unauthorized", "error_description": "a valid bearer token is required"}
+    r = await api.http.get("/api/v1" + path)
+    assert r.status_code == 405
