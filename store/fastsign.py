@@ -84,24 +84,31 @@ SELECT t.token_hash, t.scopes, t.expires_at, t.revoked_at, i.id, i.name
 FROM api_tokens t JOIN identities i ON i.id = t.identity_id
 WHERE t.token_hash = :token_hash
 """
-_SIGNER = """
-SELECT s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algorithm,
-       c.sealed_key, c.not_before, c.not_after,
-       (SELECT 1 FROM signer_members m WHERE m.signer_id = s.id AND m.identity_id = :identity_id)
-FROM signers s JOIN certificates c ON c.id = s.certificate_id
-WHERE s.id = :signer_id
-"""
 _USABLE_GRANT = """
 signer_id = :signer_id AND identity_id = :identity_id AND status = 'active'
 AND valid_from <= :now AND valid_until > :now AND used_sign_operations < allowed_sign_operations
 """
 _GRANT_CANDIDATE = f"SELECT id FROM grants WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1"  # noqa: S608
-_CONSUME = f"""
+# The signer, its certificate, the caller's membership and whether a grant could serve the call,
+# in one round trip.
+_SIGNER = f"""
+SELECT s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algorithm,
+       c.sealed_key, c.not_before, c.not_after,
+       (SELECT 1 FROM signer_members m WHERE m.signer_id = s.id AND m.identity_id = :identity_id),
+       ({_GRANT_CANDIDATE})
+FROM signers s JOIN certificates c ON c.id = s.certificate_id
+WHERE s.id = :signer_id
+"""  # noqa: S608
+_CONSUME_SET = """
 UPDATE grants SET used_sign_operations = used_sign_operations + 1,
     status = CASE WHEN used_sign_operations + 1 >= allowed_sign_operations THEN 'exhausted' ELSE status END
-WHERE id = :grant_id AND {_USABLE_GRANT}
-RETURNING id, request_id
-"""  # noqa: S608
+"""
+# The condition is repeated on the row being updated, so a candidate another transaction has
+# just exhausted no longer matches (PostgreSQL re-checks it on the newest row version).
+_CONSUME = f"{_CONSUME_SET} WHERE id = :grant_id AND {_USABLE_GRANT} RETURNING id, request_id"
+_CONSUME_FIRST = f"""
+{_CONSUME_SET} WHERE id = ({_GRANT_CANDIDATE}) AND {_USABLE_GRANT} RETURNING id, request_id
+"""
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
     grant_id, request_id, client_metadata, ip_address, error)
@@ -345,8 +352,13 @@ def authenticate(db: Database, token: str | None, now: datetime) -> tuple[audit.
     return audit.Actor(id=identity_id, name=name), frozenset(db.read_json(scopes))
 
 
-def _load(db: Database, call: SignCall, identity_id: str | None) -> tuple[SignerKey, bool]:
-    found = db.rows(_SIGNER, {"signer_id": call.signer_id, "identity_id": identity_id or ""})
+def _load(
+    db: Database, call: SignCall, identity_id: str | None, now: datetime
+) -> tuple[SignerKey, bool, bool]:
+    """The signer's key, whether the identity is a member, whether a grant could serve it."""
+    found = db.rows(
+        _SIGNER, {"signer_id": call.signer_id, "identity_id": identity_id or "", "now": db.time(now)}
+    )
     if not found:
         raise NotFound("no such signer")
     row = found[0]
@@ -362,7 +374,7 @@ def _load(db: Database, call: SignCall, identity_id: str | None) -> tuple[Signer
         not_before=db.read_time(row[8]),
         not_after=db.read_time(row[9]),
     )
-    return key, row[10] is not None
+    return key, row[10] is not None, row[11] is not None
 
 
 def _prepare(
@@ -379,12 +391,12 @@ def _prepare(
 
     if call.actor is not None:
         actor = call.actor
-        key, _ = _load(db, call, actor.id)
+        key, _, grant_in_sight = _load(db, call, actor.id, now)
     else:
         principal, scopes = authenticate(db, call.token, now)
         if SIGN_SCOPE not in scopes:
             raise Forbidden(f"this call needs the {SIGN_SCOPE} scope")
-        key, member = _load(db, call, principal.id)
+        key, member, grant_in_sight = _load(db, call, principal.id, now)
         if not member:
             raise Forbidden("the caller is not a member of this signer", code="not_member")
         actor = audit.Actor(id=principal.id, name=principal.name, ip_address=call.ip_address)
@@ -403,7 +415,8 @@ def _prepare(
         needs_grant=needs_grant,
     )
     attempt.refusal = signer_refusal(key, now)
-    if attempt.refusal is None and needs_grant and not _grant_in_sight(db, attempt, now):
+    # A read without locks: it only saves signing for a caller who certainly has no grant.
+    if attempt.refusal is None and needs_grant and call.grant_id is None and not grant_in_sight:
         attempt.refusal = _approval_required()
     if attempt.refusal is not None:
         return attempt
@@ -435,31 +448,21 @@ def _grant_params(db: Database, attempt: _Attempt, now: datetime) -> dict[str, A
     return {"signer_id": attempt.key.signer_id, "identity_id": attempt.actor.id or "", "now": db.time(now)}
 
 
-def _grant_in_sight(db: Database, attempt: _Attempt, now: datetime) -> bool:
-    """A read without locks: only saves signing for a caller who certainly has no grant."""
-    if attempt.call.grant_id is not None:
-        return True
-    return bool(db.rows(_GRANT_CANDIDATE, _grant_params(db, attempt, now)))
-
-
 def _consume(db: Database, attempt: _Attempt, now: datetime) -> tuple[str, str] | None:
     """Take one operation from an active grant inside its window; (grant id, request id) or None.
 
-    The conditional UPDATE is what decides: a candidate another transaction has just exhausted
-    no longer matches, and the next candidate is tried.
+    The conditional UPDATE is what decides, in one statement: a candidate another transaction
+    has just exhausted no longer matches, and the next candidate is tried.
     """
     params = _grant_params(db, attempt, now)
+    if attempt.call.grant_id is not None:
+        taken = db.rows(_CONSUME, {**params, "grant_id": attempt.call.grant_id})
+        return (str(taken[0][0]), str(taken[0][1])) if taken else None
     for _ in range(5):
-        candidate = attempt.call.grant_id
-        if candidate is None:
-            found = db.rows(_GRANT_CANDIDATE, params)
-            if not found:
-                return None
-            candidate = found[0][0]
-        taken = db.rows(_CONSUME, {**params, "grant_id": candidate})
+        taken = db.rows(_CONSUME_FIRST, params)
         if taken:
             return str(taken[0][0]), str(taken[0][1])
-        if attempt.call.grant_id is not None:
+        if not db.rows(_GRANT_CANDIDATE, params):
             return None
     return None
 
