@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -40,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 NOT_ELIGIBLE = "NotEligible"
+LOCAL_ACTIVITIES_PATCH = "local-activities"
 REQUEST_NOT_OPEN = "RequestNotOpen"
 
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
@@ -136,7 +138,7 @@ class SigningRequestWorkflow:
         if request.status != "open" or self._granting:
             return
         executable = request.client_metadata.get("signingExecutable")
-        claimed: str | None = await workflow.execute_activity(
+        claimed: str | None = await self._activity(
             "claim_pre_approval",
             ClaimPreApprovalInput(
                 request_id=request.id,
@@ -146,8 +148,6 @@ class SigningRequestWorkflow:
                 signing_executable=str(executable) if executable is not None else None,
             ),
             result_type=str,
-            start_to_close_timeout=ACTIVITY_TIMEOUT,
-            retry_policy=ACTIVITY_RETRY,
         )
         if not claimed:
             return
@@ -155,11 +155,9 @@ class SigningRequestWorkflow:
             request.pre_approval_id = claimed
             await self._approve_without_steps("pre-approval", "pre-approval")
         else:
-            await workflow.execute_activity(
+            await self._activity(
                 "release_pre_approval",
                 ReleasePreApprovalInput(pre_approval_id=claimed, request_id=request.id),
-                start_to_close_timeout=ACTIVITY_TIMEOUT,
-                retry_policy=ACTIVITY_RETRY,
             )
 
     async def _approve_without_steps(self, bypass: str | None, reason: str) -> None:
@@ -329,7 +327,7 @@ class SigningRequestWorkflow:
         else:
             valid_from = now
             valid_until = now + timedelta(seconds=request.window_seconds)
-        issued: IssuedGrant = await workflow.execute_activity(
+        issued: IssuedGrant = await self._activity(
             "issue_grant",
             IssueGrantInput(
                 request_id=request.id,
@@ -340,14 +338,12 @@ class SigningRequestWorkflow:
                 allowed_sign_operations=request.allowed_sign_operations,
             ),
             result_type=IssuedGrant,
-            start_to_close_timeout=ACTIVITY_TIMEOUT,
-            retry_policy=ACTIVITY_RETRY,
         )
         request.grant_id = issued.grant_id
         request.valid_from = issued.valid_from
         request.valid_until = issued.valid_until
         if request.artifact is not None:
-            outcome: SignArtifactOutcome = await workflow.execute_activity(
+            outcome: SignArtifactOutcome = await self._activity(
                 "sign_artifact",
                 SignArtifactInput(
                     request_id=request.id,
@@ -360,8 +356,6 @@ class SigningRequestWorkflow:
                     ip_address=request.ip_address,
                 ),
                 result_type=SignArtifactOutcome,
-                start_to_close_timeout=ACTIVITY_TIMEOUT,
-                retry_policy=ACTIVITY_RETRY,
             )
             request.signature = outcome.signature
             request.signing_error = outcome.error
@@ -382,16 +376,37 @@ class SigningRequestWorkflow:
             ]
         )
 
+    async def _activity(self, name: str, arg: Any, result_type: type | None = None) -> Any:
+        """Run an activity as a local activity where the history allows it.
+
+        A local activity runs in the worker that runs the workflow, without a round trip through
+        the server's task queue, which takes most of the latency out of every transition.
+        Histories recorded before this change replay with regular activities.
+        """
+        if workflow.patched(LOCAL_ACTIVITIES_PATCH):
+            return await workflow.execute_local_activity(
+                name,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=ACTIVITY_TIMEOUT,
+                retry_policy=ACTIVITY_RETRY,
+            )
+        return await workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+        )
+
     async def _persist(self, notes: list[AuditNote]) -> None:
         """Write the whole request to the database, one version at a time, in order."""
         async with self._persist_lock:
             self._request.version += 1
             snapshot = self._request.model_copy(deep=True)
-            await workflow.execute_activity(
+            await self._activity(
                 "persist_request",
                 PersistRequestInput(state=snapshot, notes=notes),
-                start_to_close_timeout=ACTIVITY_TIMEOUT,
-                retry_policy=ACTIVITY_RETRY,
             )
         workflow.upsert_search_attributes(
             [
