@@ -29,7 +29,9 @@ def get_session(ctx: ContextDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the answer is sent, so an acknowledged change is durable and
+# visible to the next call (the default would commit after the response).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_temporal(ctx: ContextDep) -> Client:
