@@ -98,9 +98,9 @@ class Api:
             },
             expect=201,
         )
-        # POST /pki/signers can answer 201 before its transaction commits (the session
-        # dependency commits after the response is sent): a PUT right after may not find the
-        # signer. Retried, and counted, so the run goes on and the table says it happened.
+        # An API that answers 201 before its transaction commits (seen before f4c6b7b: the
+        # session dependency committed after the response was sent) makes a PUT right after
+        # miss the signer. Retried and counted, so the run goes on and the table says so.
         for attempt in range(50):
             r = await self.http.put(
                 f"/pki/signers/{signer['id']}/members",

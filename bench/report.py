@@ -91,6 +91,22 @@ def _command_version(args: list[str]) -> str | None:
     return out[0] if out else None
 
 
+def git_state() -> dict[str, Any]:
+    """The code measured: the commit, and any uncommitted change outside bench/."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    changed = [line[3:] for line in status.stdout.splitlines() if not line[3:].startswith("bench/")]
+    return {"commit": head.stdout.strip(), "uncommitted_product_changes": changed}
+
+
 def machine() -> dict[str, Any]:
     cpu_model = None
     try:
@@ -120,6 +136,7 @@ def machine() -> dict[str, Any]:
     except Exception:
         pass
     return {
+        "git": git_state(),
         "cpu_model": cpu_model,
         "cores": os.cpu_count(),
         "memory_mb": mem_mb,

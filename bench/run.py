@@ -25,7 +25,7 @@ from bench import approval, breakdown, procs, profiling, reference, scale, sign,
 from bench.fixtures import Api, Fixtures, create_fixtures
 from bench.loadgen import LoadGenerator
 from bench.procs import Child, CpuWindow, format_cores
-from bench.report import Row, fmt_ms, fmt_rate, machine, render, write_results
+from bench.report import Row, fmt_ms, fmt_rate, git_state, machine, render, write_results
 from bench.servers import OpenBao, SigngateStack, TemporalServer, cleanup_dir, pg_available
 
 SECTIONS = ("sign", "approval", "throughput", "scale")
@@ -124,7 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_references(run: Run) -> dict[str, Any]:
     run.say("raw crypto references (cryptography in-process, openssl speed) ...")
+    window = CpuWindow({"bench process": [os.getpid()]})
+    window.begin()
     ref = reference.measure(run.cfg.quick)
+    window.end()
+    ref["cores_during"] = dict(window.cores)
+    run.notes.append(f"references measured with the machine at: {format_cores(window.cores)}")
     run.raw["reference"] = ref
     cores = ref["cores"]
     for alg in ("ec", "rsa"):
@@ -576,9 +581,14 @@ def main(argv: list[str] | None = None) -> None:
     work_dir = Path(tempfile.mkdtemp(prefix="signgate-bench-"))
     run = Run(cfg, work_dir)
     mach = machine()
+    git = mach.get("git", {})
+    if git.get("uncommitted_product_changes"):
+        run.notes.append(
+            f"measured with uncommitted product changes: {', '.join(git['uncommitted_product_changes'])}"
+        )
     print(
         f"signgate benchmark ({'quick' if cfg.quick else 'full'}) on {mach['cpu_model']}, {mach['cores']} cores, "
-        f"{mach['memory_mb']} MB, Python {mach['python']}; work dir {work_dir}",
+        f"{mach['memory_mb']} MB, Python {mach['python']}, commit {git.get('commit', '?')[:10]}; work dir {work_dir}",
         flush=True,
     )
     failed = False
@@ -597,6 +607,13 @@ def main(argv: list[str] | None = None) -> None:
             run.bao.child.stop()
         if run.temporal is not None:
             run.temporal.child.stop()
+    end_commit = git_state().get("commit")
+    if git.get("commit") and end_commit and end_commit != git["commit"]:
+        run.notes.append(
+            f"the code changed during the run: started at commit {git['commit'][:10]}, ended at {end_commit[:10]}; "
+            "processes started later ran newer code"
+        )
+        mach["git"]["commit_at_end"] = end_commit
     run.notes.insert(0, core_sharing_note(run))
     run.notes.insert(
         1,
