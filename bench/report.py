@@ -62,7 +62,8 @@ def render(rows: list[Row], notes: list[str]) -> str:
     lines.append(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     lines.append(sep)
     section = None
-    for row, cell in zip(rows, cells, strict=True):
+    ordered = sorted(zip(rows, cells, strict=True), key=lambda rc: _section_rank(rc[0].section, rows))
+    for row, cell in ordered:
         if row.section != section:
             if section is not None:
                 lines.append(sep)
@@ -73,6 +74,16 @@ def render(rows: list[Row], notes: list[str]) -> str:
         lines.append("")
         lines.extend(f"* {n}" for n in notes)
     return "\n".join(lines)
+
+
+_SECTION_ORDER = ("limit", "peer", "1.", "1b.", "2.", "3.", "4.")
+
+
+def _section_rank(section: str, rows: list[Row]) -> tuple[int, int]:
+    """Sections in benchmark order, rows of one section together (both databases' rows too)."""
+    rank = next((i for i, p in enumerate(_SECTION_ORDER) if section.startswith(p)), len(_SECTION_ORDER))
+    first = next(i for i, r in enumerate(rows) if r.section == section)
+    return rank, first
 
 
 def _version(package: str) -> str | None:
