@@ -53,6 +53,7 @@ test-postgresql: venv
 	fi
 
 bench: venv
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 clean:
