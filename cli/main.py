@@ -196,6 +196,16 @@ def _register_client_commands() -> None:
 _register_client_commands()
 
 
+def _register_audit_commands() -> None:
+    """`signgate audit export`: the audit trail as JSON lines."""
+    from cli import audit
+
+    app.add_typer(audit.app, name="audit", help="Export the tamper-evident audit trail.")
+
+
+_register_audit_commands()
+
+
 if __name__ == "__main__":
     # `python -m cli.main`: run the imported module's app, which carries the client's commands.
     from cli.main import main as _main

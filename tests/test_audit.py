@@ -597,3 +597,27 @@ async def test_export_errors_are_the_apis_words(chain: Chain, served: str, tmp_p
         assert result.exception is None or isinstance(result.exception, SystemExit)
         assert not out.exists()
         assert not (tmp_path / "audit.jsonl.partial").exists()
+
+
+async def test_signgate_audit_export_command(chain: Chain, served: str, tmp_path: Path) -> None:
+    """The installed `signgate audit export` command, as an operator runs it."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    await chain.add_identities(2)
+    expected = (await chain.get("/audit-events", limit=500))["items"]
+    out = tmp_path / "export.jsonl"
+    signgate = Path(sys.executable).parent / "signgate"
+    env = {**os.environ, "SIGNGATE_URL": served, "SIGNGATE_TOKEN": chain.token}
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [str(signgate), "audit", "export", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == expected
