@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -24,6 +25,26 @@ def build_key_store(settings: Settings) -> object:
     return SoftwareKeyStore(KeyEncryptor(settings.master_key_bytes, settings.master_key_id))
 
 
+class LazyKeyStore:
+    """The key store, opened on first use.
+
+    Building the app (for its OpenAPI document, say) needs no master key; serving does: the
+    lifespan opens the store at start-up, so a server without a master key refuses to start.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._store: object | None = None
+
+    def open(self) -> object:
+        if self._store is None:
+            self._store = build_key_store(self._settings)
+        return self._store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.open(), name)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -36,6 +57,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx: AppContext = app.state.ctx
+        ctx.key_store.open()  # type: ignore[attr-defined]  # no master key: refuse to start
         if ctx.temporal is None:
             from core.temporal import connect
 
@@ -58,7 +80,7 @@ def create_app(
     app.state.ctx = AppContext(
         settings=settings,
         engine=engine or make_engine(settings.effective_database_url),
-        key_store=build_key_store(settings),  # type: ignore[arg-type]
+        key_store=LazyKeyStore(settings),  # type: ignore[arg-type]
         temporal=temporal,
         owns_engine=owns_engine,
     )

@@ -483,7 +483,7 @@ async def test_no_response_and_no_database_column_holds_a_private_key(
 async def test_sign_uses_cached_keys(api: Api, app: Any, signers: dict[str, Setup]) -> None:
     """Opening a sealed key is done once per certificate, not once per signature."""
     setup = signers["EC_P256"]
-    key_store = app.state.ctx.key_store
+    key_store = app.state.ctx.key_store.open()
     calls = 0
     original: Callable[[bytes], Any] = key_store.load
 
