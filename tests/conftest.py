@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,6 @@ def db_backend() -> str:
 
 def pg_admin_url() -> str:
     return os.environ.get("SIGNGATE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
 
 
 def create_pg_database() -> tuple[str, Callable[[], None]]:
@@ -174,9 +173,7 @@ class Api:
         self, name: str | None = None, *, kind: str = "user", scopes: list[str] | None = None
     ) -> Ident:
         name = name or unique("user")
-        r = await self.call(
-            "POST", "/identities", self.admin, json={"name": name, "kind": kind}, expect=201
-        )
+        r = await self.call("POST", "/identities", self.admin, json={"name": name, "kind": kind}, expect=201)
         identity_id = r.json()["id"]
         scopes = ALL_CODESIGN if scopes is None else scopes
         r = await self.call(
@@ -195,9 +192,7 @@ class Api:
         r = await self.call("POST", "/pki/certificates", self.admin, json=body, expect=201)
         return dict(r.json())
 
-    async def policy(
-        self, steps: list[tuple[list[Ident], int]], **extra: Any
-    ) -> dict[str, Any]:
+    async def policy(self, steps: list[tuple[list[Ident], int]], **extra: Any) -> dict[str, Any]:
         body = {
             "name": unique("policy"),
             "steps": [
@@ -267,3 +262,32 @@ async def assert_eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+def insert_grant(
+    engine: Engine,
+    *,
+    signer_id: str,
+    identity_id: str,
+    operations: int,
+    valid_for: timedelta = timedelta(hours=1),
+) -> str:
+    """An active grant written straight to the database, for tests of what a grant allows."""
+    from sqlmodel import Session
+
+    from store.models import Grant
+
+    now = datetime.now(UTC)
+    grant = Grant(
+        id=str(uuid.uuid4()),
+        request_id=str(uuid.uuid4()),
+        signer_id=signer_id,
+        identity_id=identity_id,
+        valid_from=now - timedelta(minutes=1),
+        valid_until=now + valid_for,
+        allowed_sign_operations=operations,
+    )
+    with Session(engine, expire_on_commit=False) as session:
+        session.add(grant)
+        session.commit()
+    return grant.id

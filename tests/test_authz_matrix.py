@@ -23,8 +23,8 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session
 
 from store.identities import SCOPES
-from store.models import ApiToken, Grant
-from tests.conftest import Api, Ident, unique
+from store.models import ApiToken
+from tests.conftest import Api, Ident, insert_grant, unique
 
 PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}
 PUBLIC_DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -34,23 +34,6 @@ EC_ALGORITHM = "ECDSA_SHA256"
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def insert_grant(engine: Engine, *, signer_id: str, identity_id: str, operations: int = 1000) -> str:
-    now = datetime.now(UTC)
-    grant = Grant(
-        id=str(uuid.uuid4()),
-        request_id=str(uuid.uuid4()),
-        signer_id=signer_id,
-        identity_id=identity_id,
-        valid_from=now - timedelta(minutes=1),
-        valid_until=now + timedelta(hours=2),
-        allowed_sign_operations=operations,
-    )
-    with Session(engine, expire_on_commit=False) as session:
-        session.add(grant)
-        session.commit()
-    return grant.id
 
 
 def expire_token(engine: Engine, token_id: str) -> None:
@@ -125,7 +108,11 @@ class World:
 
     async def fresh_grant(self) -> dict[str, str]:
         grant_id = insert_grant(
-            self.engine, signer_id=self.signer_id, identity_id=self.by_scope["codesign:sign"].id
+            self.engine,
+            signer_id=self.signer_id,
+            identity_id=self.by_scope["codesign:sign"].id,
+            operations=1000,
+            valid_for=timedelta(hours=2),
         )
         return {"grant_id": grant_id}
 
@@ -465,7 +452,13 @@ async def test_operational_endpoints_are_public(http: httpx.AsyncClient, path: s
 async def test_sign_needs_membership(world: World) -> None:
     api = world.api
     outsider = await api.identity(unique("outsider"), scopes=["codesign:sign"])
-    insert_grant(world.engine, signer_id=world.signer_id, identity_id=outsider.id)
+    insert_grant(
+        world.engine,
+        signer_id=world.signer_id,
+        identity_id=outsider.id,
+        operations=1000,
+        valid_for=timedelta(hours=2),
+    )
     body = _sign_body(world)
     r = await api.call("POST", f"/pki/signers/{world.signer_id}/sign", outsider, json=body, expect=403)
     assert r.json()["error"] == "not_member"
@@ -546,7 +539,13 @@ async def test_admin_alone_neither_approves_nor_signs(world: World) -> None:
     """Even as a member, an approver of the step and the holder of a grant."""
     api = world.api
     admin = world.by_scope["admin"]
-    insert_grant(world.engine, signer_id=world.signer_id, identity_id=admin.id)
+    insert_grant(
+        world.engine,
+        signer_id=world.signer_id,
+        identity_id=admin.id,
+        operations=1000,
+        valid_for=timedelta(hours=2),
+    )
     request_id = (await world.fresh_request())["request_id"]
     for decision in ("approve", "reject"):
         await api.call("POST", f"/pki/signing-requests/{request_id}/{decision}", admin, json={}, expect=403)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -22,26 +20,9 @@ from store import audit
 from store.fastsign import SignBatcher, SignCall, open_database, run_batch
 from store.models import ApiToken, AuditEvent, Grant, SigningOperation
 from store.signing import SignResult
-from tests.conftest import Api, Ident
+from tests.conftest import Api, Ident, insert_grant
 
 DIGEST = base64.b64encode(hashlib.sha256(b"release 1.0").digest()).decode()
-
-
-def insert_grant(engine: Engine, *, signer_id: str, identity_id: str, operations: int) -> str:
-    now = datetime.now(UTC)
-    grant = Grant(
-        id=str(uuid.uuid4()),
-        request_id=str(uuid.uuid4()),
-        signer_id=signer_id,
-        identity_id=identity_id,
-        valid_from=now - timedelta(minutes=1),
-        valid_until=now + timedelta(hours=1),
-        allowed_sign_operations=operations,
-    )
-    with Session(engine, expire_on_commit=False) as session:
-        session.add(grant)
-        session.commit()
-    return grant.id
 
 
 def call(who: Ident, signer_id: str, **overrides: Any) -> SignCall:

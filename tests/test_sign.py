@@ -18,9 +18,8 @@ from sqlalchemy import Engine, MetaData, select
 from sqlmodel import Session
 
 from store.models import Certificate, Grant
-from tests.conftest import CLIENT_IP, Api, Ident, db_backend, unique
+from tests.conftest import CLIENT_IP, Api, Ident, db_backend, insert_grant, unique
 from tests.test_certificates import LocalCa, openssl, pkcs12_bundle, write
-from tests.test_signers import insert_grant
 
 KEY_TYPES = ("RSA_2048", "RSA_3072", "RSA_4096", "EC_P256", "EC_P384", "EC_P521")
 RSA_ALGORITHMS = tuple(f"RSASSA_{pad}_SHA{bits}" for pad in ("PKCS1_V1_5", "PSS") for bits in (256, 384, 512))

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlmodel import Session
 
-from store.models import Grant
-from tests.conftest import Api, unique
+from tests.conftest import Api, insert_grant, unique
 from tests.test_certificates import audit_actions, openssl, pkcs12_bundle, write
 
 SIGNER_FIELDS = {
@@ -31,23 +28,6 @@ SIGNER_FIELDS = {
 async def create_signer(api: Api, certificate_id: str, **extra: Any) -> Any:
     body = {"name": unique("signer"), "certificateId": certificate_id, **extra}
     return await api.call("POST", "/pki/signers", api.admin, json=body)
-
-
-def insert_grant(engine: Engine, *, signer_id: str, identity_id: str, operations: int = 1) -> str:
-    now = datetime.now(UTC)
-    grant = Grant(
-        id=str(uuid.uuid4()),
-        request_id=str(uuid.uuid4()),
-        signer_id=signer_id,
-        identity_id=identity_id,
-        valid_from=now - timedelta(minutes=1),
-        valid_until=now + timedelta(hours=1),
-        allowed_sign_operations=operations,
-    )
-    with Session(engine, expire_on_commit=False) as session:
-        session.add(grant)
-        session.commit()
-    return grant.id
 
 
 async def test_create_signer_shape_and_supported_algorithms(api: Api, engine: Engine) -> None:
@@ -245,7 +225,7 @@ async def test_delete_signer(api: Api, engine: Engine) -> None:
     assert audit_actions(engine, signer["id"])[-1] == "signer.deleted"
 
     used = await api.signer(members=[member])
-    insert_grant(engine, signer_id=used["id"], identity_id=member.id)
+    insert_grant(engine, signer_id=used["id"], identity_id=member.id, operations=1)
     r = await api.call("DELETE", f"/pki/signers/{used['id']}", api.admin, expect=409)
     assert r.json()["error"] == "signer_in_use"
     await api.call("GET", f"/pki/signers/{used['id']}", api.admin, expect=200)
