@@ -16,23 +16,13 @@ from core.schemas import Artifact, PolicySnapshot, RequestState, SigningRequestI
 from core.temporal import workflow_id_for
 from core.timeutil import as_utc, utcnow
 from store.identities import Principal
-from store.models import Certificate, Signer, SignerMember, SigningPolicy, SigningRequest
+from store.models import Certificate, Signer, SigningPolicy, SigningRequest
 from store.policies import snapshot
+from store.signers import membership
 
 DEFAULT_WINDOW_SECONDS = 3600
 DEFAULT_OPERATIONS = 1
 DIGEST_SIZES = {"SHA256": 32, "SHA384": 48, "SHA512": 64}
-
-
-def is_member(session: Session, signer_id: str, identity_id: str) -> bool:
-    return (
-        session.execute(
-            select(SignerMember.signer_id).where(  # type: ignore[call-overload]
-                SignerMember.signer_id == signer_id, SignerMember.identity_id == identity_id
-            )
-        ).first()
-        is not None
-    )
 
 
 def load_request(session: Session, request_id: str) -> SigningRequest:
@@ -96,7 +86,7 @@ def build_request(
     signer = session.get(Signer, signer_id)
     if signer is None:
         raise NotFound("no such signer")
-    if not is_member(session, signer_id, principal.identity_id):
+    if not membership(session, signer_id=signer_id, identity_id=principal.identity_id):
         raise Forbidden("the caller is not a member of this signer", code="not_member")
     if signer.status != "active":
         raise Conflict("the signer is disabled", code="signer_unavailable")
