@@ -304,8 +304,12 @@ def _insert_if_absent(session: Any, values: dict[str, Any]) -> bool:
         statement: Any = postgresql.insert(SigningRequest)
     else:
         statement = sqlite.insert(SigningRequest)
-    statement = statement.values(**values).on_conflict_do_nothing(index_elements=["id"])
-    return bool(session.execute(statement).rowcount == 1)
+    statement = (
+        statement.values(**values).on_conflict_do_nothing(index_elements=["id"]).returning(SigningRequest.id)
+    )
+    # RETURNING, not rowcount: an ORM-enabled INSERT reports rowcount -1 on psycopg, which made
+    # the workflow's opening write (when it beat the API's) skip its `opened` audit event.
+    return session.execute(statement).first() is not None
 
 
 def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:

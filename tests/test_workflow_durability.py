@@ -6,7 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -156,3 +156,38 @@ async def test_grant_issued_exactly_once_when_activity_retried(temporal_env, eng
         ).scalar_one()
     assert count == 1
     assert result.grant_id == grant_id
+
+
+def _request_actions(engine: Engine, request_id: str) -> list[str]:
+    from store.models import AuditEvent
+
+    with session_scope(engine) as session:
+        return list(
+            session.execute(
+                select(AuditEvent.action)  # type: ignore[call-overload]
+                .where(AuditEvent.request_id == request_id)
+                .order_by(AuditEvent.seq)
+            ).scalars()
+        )
+
+
+def test_the_opening_write_records_its_event_with_or_without_the_apis_version_0(engine) -> None:
+    """The API writes version 0 right after starting the workflow, the workflow version 1 with
+    the `opened` event; whichever lands first, the event is recorded once."""
+    from activities.requests import persist_request_state
+    from core.schemas import AuditNote, PersistRequestInput
+
+    for api_first in (False, True):
+        state = _input(timedelta(hours=1), ["approver-1"]).request
+        opening = PersistRequestInput(
+            state=state.model_copy(update={"version": 1}), notes=[AuditNote(action="signing_request.opened")]
+        )
+        if api_first:
+            assert persist_request_state(engine, PersistRequestInput(state=state))
+        assert persist_request_state(engine, opening)
+        assert not persist_request_state(engine, opening)
+        assert not persist_request_state(engine, PersistRequestInput(state=state))
+        with session_scope(engine) as session:
+            row = session.get(SigningRequest, state.id)
+            assert row is not None and row.version == 1
+        assert _request_actions(engine, state.id) == ["signing_request.opened"]
