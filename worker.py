@@ -18,6 +18,19 @@ from core.config import Settings
 log = logging.getLogger("signgate.worker")
 
 
+def request_activities(acts: Any) -> list[Any]:
+    """Every activity the request workflow calls, including those only older histories use."""
+    return [
+        acts.persist_request,
+        acts.open_request,
+        acts.record_approval,
+        acts.issue_grant,
+        acts.sign_artifact,
+        acts.claim_pre_approval,
+        acts.release_pre_approval,
+    ]
+
+
 def build_worker(client: Client, settings: Settings, engine: Engine, key_store: Any) -> Worker:
     from activities.requests import RequestActivities
     from workflows.signing_request import SigningRequestWorkflow
@@ -27,13 +40,7 @@ def build_worker(client: Client, settings: Settings, engine: Engine, key_store: 
         client,
         task_queue=settings.task_queue,
         workflows=[SigningRequestWorkflow],
-        activities=[
-            acts.persist_request,
-            acts.issue_grant,
-            acts.sign_artifact,
-            acts.claim_pre_approval,
-            acts.release_pre_approval,
-        ],
+        activities=request_activities(acts),
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
         max_concurrent_activities=32,
         # Requests wait for days; keeping every one cached costs ~200 KB each. A request that

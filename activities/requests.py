@@ -18,11 +18,15 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from core.schemas import (
+    AuditNote,
     ClaimPreApprovalInput,
     IssuedGrant,
     IssueGrantInput,
+    OpenRequestInput,
     PersistRequestInput,
+    RecordApprovalInput,
     ReleasePreApprovalInput,
+    RequestState,
     SignArtifactInput,
     SignArtifactOutcome,
 )
@@ -46,41 +50,25 @@ class RequestActivities:
     @activity.defn(name="issue_grant")
     def issue_grant(self, input: IssueGrantInput) -> IssuedGrant:
         with session_scope(self.engine) as session:
-            existing = session.exec(  # type: ignore[call-overload]
-                select(Grant).where(Grant.request_id == input.request_id)  # type: ignore[arg-type]
-            ).first()
-            if existing is not None:
-                grant = existing[0]
-                return IssuedGrant(
-                    grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until
-                )
-            grant = Grant(
-                id=str(uuid.uuid4()),
-                request_id=input.request_id,
-                signer_id=input.signer_id,
-                identity_id=input.identity_id,
-                valid_from=input.valid_from,
-                valid_until=input.valid_until,
-                allowed_sign_operations=input.allowed_sign_operations,
-            )
-            session.add(grant)
-            session.flush()
-            audit.record(
-                session,
-                actor=audit.SYSTEM,
-                action="grant.issued",
-                entity_type="grant",
-                entity_id=grant.id,
-                request_id=input.request_id,
-                data={
-                    "signerId": input.signer_id,
-                    "identityId": input.identity_id,
-                    "validFrom": input.valid_from,
-                    "validUntil": input.valid_until,
-                    "allowedSignOperations": input.allowed_sign_operations,
-                },
-            )
-            return IssuedGrant(grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until)
+            grant, _ = _issue_grant(session, input, record=True)
+            return grant
+
+    @activity.defn(name="open_request")
+    def open_request(self, input: OpenRequestInput) -> str | None:
+        """The workflow's opening write, then (if asked) its pre-approval claim: one activity,
+        two transactions. The request is committed before the claim reads pre-approvals, so a
+        pre-approval committed after that read finds the request open when it looks for
+        waiting requests to release (see api/routes/pre_approvals.py)."""
+        with session_scope(self.engine) as session:
+            _persist(session, input.persist)
+            if input.claim is None:
+                return None
+            session.commit()
+            return _claim_pre_approval(session, input.claim)
+
+    @activity.defn(name="record_approval")
+    def record_approval(self, input: RecordApprovalInput) -> IssuedGrant:
+        return record_approval(self.engine, input)
 
     @activity.defn(name="sign_artifact")
     def sign_artifact(self, input: SignArtifactInput) -> SignArtifactOutcome:
@@ -197,65 +185,70 @@ class RequestActivities:
         event, written in the same transaction, marks the claim: a retried activity (its first
         attempt committed, its answer lost) returns that claim instead of counting a second use.
         """
-        now = utcnow()
         with session_scope(self.engine) as session:
-            earlier = session.execute(
-                select(AuditEvent.entity_id).where(  # type: ignore[call-overload]
-                    AuditEvent.request_id == input.request_id,
-                    AuditEvent.action == "pre_approval.used",
-                )
-            ).first()
-            if earlier is not None:
-                return str(earlier[0])
-            addresses = _address_forms(input.ip_address)
-            candidates = session.execute(
-                select(PreApproval.id, PreApproval.single_use)  # type: ignore[call-overload]
-                .where(
-                    PreApproval.signer_id == input.signer_id,
-                    PreApproval.identity_id == input.identity_id,
-                    PreApproval.status == "active",
-                    PreApproval.not_before <= now,
-                    PreApproval.expires_at > now,
-                    or_(
-                        PreApproval.ip_address.is_(None),  # type: ignore[union-attr]
-                        PreApproval.ip_address.in_(addresses),  # type: ignore[union-attr]
-                    ),
-                    or_(
-                        PreApproval.signing_executable.is_(None),  # type: ignore[union-attr]
-                        PreApproval.signing_executable == input.signing_executable,
-                    ),
-                )
-                .order_by(PreApproval.single_use.desc(), PreApproval.expires_at)  # type: ignore[attr-defined]
-            ).all()
-            for pre_approval_id, single_use in candidates:
-                values: dict[str, Any] = {
-                    "used_count": PreApproval.used_count + 1,
-                    "last_used_request_id": input.request_id,
-                }
-                if single_use:
-                    values["status"] = "used"
-                claimed = session.execute(
-                    update(PreApproval)
-                    .where(
-                        PreApproval.id == pre_approval_id,  # type: ignore[arg-type]
-                        PreApproval.status == "active",  # type: ignore[arg-type]
-                        PreApproval.expires_at > now,  # type: ignore[arg-type]
-                    )
-                    .values(**values)
-                    .returning(PreApproval.id)  # type: ignore[arg-type]
-                ).first()
-                if claimed is not None:
-                    audit.record(
-                        session,
-                        actor=audit.SYSTEM,
-                        action="pre_approval.used",
-                        entity_type="pre_approval",
-                        entity_id=pre_approval_id,
-                        request_id=input.request_id,
-                        data={"singleUse": bool(single_use), "identityId": input.identity_id},
-                    )
-                    return str(pre_approval_id)
-        return None
+            return _claim_pre_approval(session, input)
+
+
+def _claim_pre_approval(session: Any, input: ClaimPreApprovalInput) -> str | None:
+    """Claim a matching pre-approval in the caller's transaction (see claim_pre_approval)."""
+    now = utcnow()
+    earlier = session.execute(
+        select(AuditEvent.entity_id).where(  # type: ignore[call-overload]
+            AuditEvent.request_id == input.request_id,
+            AuditEvent.action == "pre_approval.used",
+        )
+    ).first()
+    if earlier is not None:
+        return str(earlier[0])
+    addresses = _address_forms(input.ip_address)
+    candidates = session.execute(
+        select(PreApproval.id, PreApproval.single_use)  # type: ignore[call-overload]
+        .where(
+            PreApproval.signer_id == input.signer_id,
+            PreApproval.identity_id == input.identity_id,
+            PreApproval.status == "active",
+            PreApproval.not_before <= now,
+            PreApproval.expires_at > now,
+            or_(
+                PreApproval.ip_address.is_(None),  # type: ignore[union-attr]
+                PreApproval.ip_address.in_(addresses),  # type: ignore[union-attr]
+            ),
+            or_(
+                PreApproval.signing_executable.is_(None),  # type: ignore[union-attr]
+                PreApproval.signing_executable == input.signing_executable,
+            ),
+        )
+        .order_by(PreApproval.single_use.desc(), PreApproval.expires_at)  # type: ignore[attr-defined]
+    ).all()
+    for pre_approval_id, single_use in candidates:
+        values: dict[str, Any] = {
+            "used_count": PreApproval.used_count + 1,
+            "last_used_request_id": input.request_id,
+        }
+        if single_use:
+            values["status"] = "used"
+        claimed = session.execute(
+            update(PreApproval)
+            .where(
+                PreApproval.id == pre_approval_id,  # type: ignore[arg-type]
+                PreApproval.status == "active",  # type: ignore[arg-type]
+                PreApproval.expires_at > now,  # type: ignore[arg-type]
+            )
+            .values(**values)
+            .returning(PreApproval.id)  # type: ignore[arg-type]
+        ).first()
+        if claimed is not None:
+            audit.record(
+                session,
+                actor=audit.SYSTEM,
+                action="pre_approval.used",
+                entity_type="pre_approval",
+                entity_id=pre_approval_id,
+                request_id=input.request_id,
+                data={"singleUse": bool(single_use), "identityId": input.identity_id},
+            )
+            return str(pre_approval_id)
+    return None
 
 
 def _address_forms(address: str | None) -> list[str]:
@@ -314,40 +307,142 @@ def _insert_if_absent(session: Any, values: dict[str, Any]) -> bool:
 
 def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:
     """Write one version of the request; older or repeated versions are ignored. True if written."""
-    state = input.state
-    payload = state.model_dump(mode="json")
     with session_scope(engine) as session:
-        row = session.get(SigningRequest, state.id, with_for_update=True)
-        if row is None:
-            if _insert_if_absent(session, _row_values(state, payload)):
-                _record_notes(session, input)
-                return True
-            row = session.get(SigningRequest, state.id, with_for_update=True, populate_existing=True)
-            assert row is not None
-        if row.version >= state.version:
-            return False
-        row.status = state.status
-        row.version = state.version
-        row.closed_at = state.closed_at
-        row.grant_id = state.grant_id
-        row.pre_approval_id = state.pre_approval_id
-        if state.signature:
-            row.signature = state.signature
-        row.state = payload
-        session.add(row)
-        session.flush()
-        _record_notes(session, input)
+        return _persist(session, input)
+
+
+def _persist(session: Any, input: PersistRequestInput) -> bool:
+    """`persist_request_state` in the caller's transaction."""
+    if not _store(session, _locked_row(session, input.state.id), input.state):
+        return False
+    _record_notes(session, input.state.id, input.notes)
     return True
 
 
-def _record_notes(session: Any, input: PersistRequestInput) -> None:
-    for note in input.notes:
+def _locked_row(session: Any, request_id: str) -> SigningRequest | None:
+    return session.get(SigningRequest, request_id, with_for_update=True)  # type: ignore[no-any-return]
+
+
+def _store(session: Any, row: SigningRequest | None, state: RequestState) -> bool:
+    """Write `state` over `row` (locked), or insert it when there is no row yet; an older or
+    repeated version is ignored. True if written."""
+    payload = state.model_dump(mode="json")
+    if row is None:
+        if _insert_if_absent(session, _row_values(state, payload)):
+            return True
+        # The API wrote version 0 meanwhile.
+        row = session.get(SigningRequest, state.id, with_for_update=True, populate_existing=True)
+        assert row is not None
+    if row.version >= state.version:
+        return False
+    row.status = state.status
+    row.version = state.version
+    row.closed_at = state.closed_at
+    row.grant_id = state.grant_id
+    row.pre_approval_id = state.pre_approval_id
+    if state.signature:
+        row.signature = state.signature
+    row.state = payload
+    session.add(row)
+    session.flush()
+    return True
+
+
+def _issue_grant(session: Any, input: IssueGrantInput, *, record: bool) -> tuple[IssuedGrant, bool]:
+    """The request's grant, inserted unless it exists (keyed on the request id, so a retried
+    activity finds the first attempt's). True when inserted now; its `grant.issued` event is
+    recorded here with `record`, else left to the caller (to keep the audit order)."""
+    existing = session.execute(
+        select(Grant).where(Grant.request_id == input.request_id)  # type: ignore[arg-type]
+    ).first()
+    if existing is not None:
+        grant = existing[0]
+        return IssuedGrant(
+            grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until
+        ), False
+    grant = Grant(
+        id=input.grant_id or str(uuid.uuid4()),
+        request_id=input.request_id,
+        signer_id=input.signer_id,
+        identity_id=input.identity_id,
+        valid_from=input.valid_from,
+        valid_until=input.valid_until,
+        allowed_sign_operations=input.allowed_sign_operations,
+    )
+    session.add(grant)
+    session.flush()
+    if record:
+        _record_grant_issued(session, grant.id, input)
+    return IssuedGrant(grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until), True
+
+
+def _record_grant_issued(session: Any, grant_id: str, input: IssueGrantInput) -> None:
+    audit.record(
+        session,
+        actor=audit.SYSTEM,
+        action="grant.issued",
+        entity_type="grant",
+        entity_id=grant_id,
+        request_id=input.request_id,
+        data={
+            "signerId": input.signer_id,
+            "identityId": input.identity_id,
+            "validFrom": input.valid_from,
+            "validUntil": input.valid_until,
+            "allowedSignOperations": input.allowed_sign_operations,
+        },
+    )
+
+
+def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
+    """An approval's writes in one transaction: the notes that approved it (as version
+    `notes_version`), the grant, and the request's new state with its notes; the audit events
+    in that order. Idempotent as a whole: a retried attempt whose first one committed finds the
+    versions written and the grant there, writes nothing and returns the grant.
+
+    Each part is also skipped on its own when it is already there, which is what a request
+    approved half-way by the earlier sequence of activities (notes persisted, perhaps the grant
+    issued, then the worker lost) needs when it is completed by this one.
+    """
+    state = input.state
+    with session_scope(engine) as session:
+        row = _locked_row(session, state.id)
+        stored = row.version if row is not None else -1
+        issued, inserted = _issue_grant(session, input.grant, record=False)
+        if stored < input.notes_version:
+            _record_notes(session, state.id, input.notes)
+        if inserted:
+            _record_grant_issued(session, issued.grant_id, input.grant)
+        if stored < state.version:
+            state = state.model_copy(
+                update={
+                    "grant_id": issued.grant_id,
+                    "valid_from": issued.valid_from,
+                    "valid_until": issued.valid_until,
+                }
+            )
+            if _store(session, row, state):
+                notes = [_naming_grant(n, issued.grant_id) for n in input.notes_after_grant]
+                _record_notes(session, state.id, notes)
+    return issued
+
+
+def _naming_grant(note: AuditNote, grant_id: str) -> AuditNote:
+    """A note that names the grant names the one that exists (the workflow chose the id before
+    the activity ran; an earlier attempt of the older sequence may have issued another)."""
+    if "grantId" in note.data and note.data["grantId"] != grant_id:
+        return note.model_copy(update={"data": {**note.data, "grantId": grant_id}})
+    return note
+
+
+def _record_notes(session: Any, request_id: str, notes: list[AuditNote]) -> None:
+    for note in notes:
         audit.record(
             session,
             actor=audit.Actor(id=note.actor_id, name=note.actor_name),
             action=note.action,
             entity_type="signing_request",
-            entity_id=input.state.id,
-            request_id=input.state.id,
+            entity_id=request_id,
+            request_id=request_id,
             data=note.data,
         )

@@ -149,6 +149,8 @@ class IssueGrantInput(BaseModel):
     valid_from: datetime
     valid_until: datetime
     allowed_sign_operations: int
+    # Chosen by the workflow (deterministic) so the request's state can name it before it exists.
+    grant_id: str | None = None
 
 
 class IssuedGrant(BaseModel):
@@ -180,6 +182,24 @@ class ClaimPreApprovalInput(BaseModel):
     identity_id: str
     ip_address: str | None = None
     signing_executable: str | None = None
+
+
+class OpenRequestInput(BaseModel):
+    """The workflow's opening write and, once it is committed, its pre-approval claim (if any)."""
+
+    persist: PersistRequestInput
+    claim: ClaimPreApprovalInput | None = None
+
+
+class RecordApprovalInput(BaseModel):
+    """An approval's writes as one transaction: the step's notes (`notes_version`), the grant,
+    and the request's new state (`state.version`, at or after `notes_version`) with its notes."""
+
+    state: RequestState
+    notes_version: int
+    notes: list[AuditNote] = Field(default_factory=list)
+    grant: IssueGrantInput
+    notes_after_grant: list[AuditNote] = Field(default_factory=list)
 
 
 class ReleasePreApprovalInput(BaseModel):

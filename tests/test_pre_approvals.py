@@ -464,3 +464,79 @@ async def test_an_ipv4_mapped_address_matches_its_ipv4_form(api: Api, engine: En
     assert await asyncio.to_thread(claim, "192.0.2.11") is None
     assert await asyncio.to_thread(claim, "::ffff:192.0.2.10") == pre["id"]
     assert await asyncio.to_thread(claim, "192.0.2.10") == pre["id"]
+
+
+async def test_a_pre_approval_made_right_after_the_opening_claim_missed_it_releases_the_request(
+    api: Api, engine: Engine, monkeypatch: Any
+) -> None:
+    """The opening write and the opening claim run as one activity, in two transactions: the
+    request is committed before the claim reads pre-approvals. So a pre-approval committed just
+    after that read (here: made from inside the activity, after the claim's transaction and
+    before the activity's answer) lists the request among the waiting ones and releases it by
+    signal."""
+    import activities.requests as request_activities
+
+    s = await _setup(api)
+    loop = asyncio.get_running_loop()
+    made: dict[str, Any] = {}
+    claim = request_activities._claim_pre_approval
+
+    def claim_then_pre_approve(session: Any, input: ClaimPreApprovalInput) -> str | None:
+        claimed = claim(session, input)
+        if input.identity_id == s.requester.id and not made:
+            assert claimed is None
+            if session.get_bind().dialect.name == "sqlite":
+                # SQLite's write lock would hold the API back; on PostgreSQL the claim's
+                # transaction stays open, so only a request committed before it is seen.
+                session.commit()
+            made.update(
+                asyncio.run_coroutine_threadsafe(_pre_approve(api, s, singleUse=True), loop).result(10)
+            )
+        return claimed
+
+    monkeypatch.setattr(request_activities, "_claim_pre_approval", claim_then_pre_approve)
+    req = await api.open_request(s.requester, s.signer["id"])
+
+    async def approved() -> bool:
+        r = await api.call("GET", f"/pki/signing-requests/{req['id']}", s.requester, expect=200)
+        return bool(r.json()["status"] == "approved")
+
+    await assert_eventually(approved)
+    assert made
+    await _approved_by(api, s, req["id"], made["id"])
+    assert (await _pre_approval(api, s, made["id"]))["status"] == "used"
+
+
+async def test_a_retried_opening_writes_once_and_claims_once(api: Api, engine: Engine) -> None:
+    """The opening activity retried after its answer was lost (both transactions committed):
+    one opening event, the same claim, one use counted."""
+    from sqlalchemy import select
+
+    from core.schemas import AuditNote, OpenRequestInput, PersistRequestInput
+    from store.db import session_scope
+    from store.models import AuditEvent
+    from tests.test_workflow_durability import _input
+
+    s = await _setup(api)
+    pre = await _pre_approve(api, s)
+    activities = RequestActivities(engine, key_store=None)
+    state = _input(timedelta(hours=1), [s.approver.id], requester_id=s.requester.id).request
+    state = state.model_copy(update={"signer_id": s.signer["id"], "ip_address": CLIENT_IP, "version": 1})
+    opening = OpenRequestInput(
+        persist=PersistRequestInput(state=state, notes=[AuditNote(action="signing_request.opened")]),
+        claim=ClaimPreApprovalInput(
+            request_id=state.id, signer_id=s.signer["id"], identity_id=s.requester.id, ip_address=CLIENT_IP
+        ),
+    )
+    assert await asyncio.to_thread(activities.open_request, opening) == pre["id"]
+    assert await asyncio.to_thread(activities.open_request, opening) == pre["id"]
+    assert (await _pre_approval(api, s, pre["id"]))["usedCount"] == 1
+    with session_scope(engine) as session:
+        actions = list(
+            session.execute(
+                select(AuditEvent.action)  # type: ignore[call-overload]
+                .where(AuditEvent.request_id == state.id)
+                .order_by(AuditEvent.seq)
+            ).scalars()
+        )
+    assert actions == ["signing_request.opened", "pre_approval.used"]

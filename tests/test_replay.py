@@ -2,7 +2,11 @@
 
 A change to SigningRequestWorkflow that would break requests already running fails here;
 such a change goes behind `workflow.patched(...)`. To add histories of new shapes, run
-`SIGNGATE_RECORD_HISTORIES=1 pytest tests/test_replay.py`, which stores fresh ones.
+`SIGNGATE_RECORD_HISTORIES=1 pytest tests/test_replay.py`, which stores fresh ones named
+`<CURRENT_SHAPE>-<case>.json`; bump CURRENT_SHAPE with each patch so older shapes keep theirs.
+Shapes committed: `v1-regular-activities-*` (activities through the task queue), unprefixed
+(local activities, one per write), `v3-one-transaction-*` (opening write and claim in one
+activity, an approval's notes, grant and approved state in one activity and transaction).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tests.conftest import Api
 from workflows.signing_request import SigningRequestWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
+CURRENT_SHAPE = "v3-one-transaction"
 
 
 def _history_files() -> list[Path]:
@@ -70,15 +75,25 @@ async def test_fresh_histories_of_every_shape_replay(api: Api, temporal_env, tmp
     }
     bypassed = await api.open_request(machine, bypass_signer["id"], artifact=artifact)
 
+    one_step = await api.policy([([a], 1)])
+    one_step_signer = await api.signer(members=[requester], policy_id=one_step["id"])
+    one_step_approved = await api.open_request(requester, one_step_signer["id"])
+    await api.call("POST", f"/pki/signing-requests/{one_step_approved['id']}/approve", a, json={}, expect=200)
+    pre_body = {"signerId": one_step_signer["id"], "identityId": requester.id, "comment": "replay"}
+    await api.call("POST", "/pki/pre-approvals", a, json={**pre_body, "singleUse": True}, expect=201)
+    pre_approved = await api.open_request(requester, one_step_signer["id"])
+
     for name, req in (
         ("two-step-approved", approved),
         ("rejected", rejected),
         ("cancelled", cancelled),
         ("machine-bypass-cms", bypassed),
+        ("one-step-approved", one_step_approved),
+        ("pre-approved", pre_approved),
     ):
         handle = temporal_env.client.get_workflow_handle(req["workflowId"])
         await handle.result()
         history = await handle.fetch_history()
-        (target / f"{name}.json").write_text(json.dumps(history.to_json_dict(), indent=1))
+        (target / f"{CURRENT_SHAPE}-{name}.json").write_text(json.dumps(history.to_json_dict(), indent=1))
         replayer = Replayer(workflows=[SigningRequestWorkflow], data_converter=DATA_CONVERTER)
         await replayer.replay_workflow(history)

@@ -15,9 +15,9 @@ from temporalio.worker import Worker
 from activities.requests import RequestActivities
 from core.schemas import (
     IssuedGrant,
-    IssueGrantInput,
     PolicySnapshot,
     PolicyStep,
+    RecordApprovalInput,
     RequestState,
     SigningRequestInput,
     StepState,
@@ -27,6 +27,7 @@ from core.timeutil import utcnow
 from store.db import session_scope
 from store.models import Grant, SigningRequest
 from tests.conftest import TEST_SERVER_BIN
+from worker import request_activities
 from workflows.signing_request import SigningRequestWorkflow
 
 
@@ -88,13 +89,7 @@ def _worker(client: Client, acts: RequestActivities, task_queue: str) -> Worker:
         client,
         task_queue=task_queue,
         workflows=[SigningRequestWorkflow],
-        activities=[
-            acts.persist_request,
-            acts.issue_grant,
-            acts.sign_artifact,
-            acts.claim_pre_approval,
-            acts.release_pre_approval,
-        ],
+        activities=request_activities(acts),
         activity_executor=concurrent.futures.ThreadPoolExecutor(4),
     )
 
@@ -116,15 +111,16 @@ async def test_seven_day_ttl_expires_under_time_skipping(skipping_env, engine, a
         assert row is not None and row.status == "expired"
 
 
-class CrashAfterGrant(RequestActivities):
-    """Commits the grant, then fails as if the worker died before reporting completion."""
+class CrashAfterApproval(RequestActivities):
+    """Commits the approval (notes, grant, approved state), then fails as if the worker died
+    before reporting completion."""
 
     attempts = 0
 
-    @activity.defn(name="issue_grant")
-    def issue_grant(self, input: IssueGrantInput) -> IssuedGrant:
-        issued = super().issue_grant(input)
-        CrashAfterGrant.attempts += 1
+    @activity.defn(name="record_approval")
+    def record_approval(self, input: RecordApprovalInput) -> IssuedGrant:
+        issued = super().record_approval(input)
+        CrashAfterApproval.attempts += 1
         if activity.info().attempt == 1:
             raise RuntimeError("worker lost after commit")
         return issued
@@ -132,9 +128,10 @@ class CrashAfterGrant(RequestActivities):
 
 async def test_grant_issued_exactly_once_when_activity_retried(temporal_env, engine, app) -> None:
     from core.schemas import DecisionInput
+    from store.models import AuditEvent
 
     task_queue = f"tq-{uuid.uuid4()}"
-    acts = CrashAfterGrant(engine, app.state.ctx.key_store)
+    acts = CrashAfterApproval(engine, app.state.ctx.key_store)
     wf_input = _input(timedelta(hours=1), ["approver-1"])
     async with _worker(temporal_env.client, acts, task_queue):
         handle = await temporal_env.client.start_workflow(
@@ -146,7 +143,7 @@ async def test_grant_issued_exactly_once_when_activity_retried(temporal_env, eng
         )
         result = await handle.result()
     assert state.status == "approved"
-    assert CrashAfterGrant.attempts >= 2
+    assert CrashAfterApproval.attempts >= 2
     with session_scope(engine) as session:
         count = session.execute(
             select(func.count()).select_from(Grant).where(Grant.request_id == wf_input.request.id)
@@ -154,8 +151,27 @@ async def test_grant_issued_exactly_once_when_activity_retried(temporal_env, eng
         grant_id = session.execute(
             select(Grant.id).where(Grant.request_id == wf_input.request.id)
         ).scalar_one()
+        row = session.get(SigningRequest, wf_input.request.id)
+        assert row is not None
+        row_status, row_grant = row.status, row.grant_id
+        actions = list(
+            session.execute(
+                select(AuditEvent.action)  # type: ignore[call-overload]
+                .where(AuditEvent.request_id == wf_input.request.id)
+                .order_by(AuditEvent.seq)
+            ).scalars()
+        )
     assert count == 1
-    assert result.grant_id == grant_id
+    assert result.grant_id == grant_id == state.grant_id == row_grant
+    assert row_status == "approved"
+    # Every event once, in the order of the changes, although the activity ran twice.
+    assert actions == [
+        "signing_request.opened",
+        "signing_request.approval",
+        "signing_request.step_completed",
+        "grant.issued",
+        "signing_request.approved",
+    ]
 
 
 def _request_actions(engine: Engine, request_id: str) -> list[str]:
@@ -191,3 +207,90 @@ def test_the_opening_write_records_its_event_with_or_without_the_apis_version_0(
             row = session.get(SigningRequest, state.id)
             assert row is not None and row.version == 1
         assert _request_actions(engine, state.id) == ["signing_request.opened"]
+
+
+def _approval_input(state: RequestState, grant_id: str) -> RecordApprovalInput:
+    from core.schemas import AuditNote, IssueGrantInput
+
+    return RecordApprovalInput(
+        state=state.model_copy(update={"version": 3, "status": "approved", "grant_id": grant_id}),
+        notes_version=2,
+        notes=[
+            AuditNote(action="signing_request.approval"),
+            AuditNote(action="signing_request.step_completed"),
+        ],
+        grant=IssueGrantInput(
+            request_id=state.id,
+            signer_id=state.signer_id,
+            identity_id=state.requester_id,
+            valid_from=state.valid_from,
+            valid_until=state.valid_until,
+            allowed_sign_operations=1,
+            grant_id=grant_id,
+        ),
+        notes_after_grant=[AuditNote(action="signing_request.approved", data={"grantId": grant_id})],
+    )
+
+
+def test_record_approval_is_one_idempotent_transaction(engine) -> None:
+    from activities.requests import persist_request_state, record_approval
+    from core.schemas import PersistRequestInput
+
+    state = _input(timedelta(hours=1), ["approver-1"]).request.model_copy(update={"version": 1})
+    persist_request_state(engine, PersistRequestInput(state=state))
+    approval = _approval_input(state, str(uuid.uuid4()))
+    first = record_approval(engine, approval)
+    again = record_approval(engine, approval)
+    assert first == again
+    assert first.grant_id == approval.grant.grant_id
+    with session_scope(engine) as session:
+        row = session.get(SigningRequest, state.id)
+        assert row is not None
+        assert (row.version, row.status, row.grant_id) == (3, "approved", first.grant_id)
+        grants = session.execute(select(Grant.id).where(Grant.request_id == state.id)).scalars().all()
+    assert grants == [first.grant_id]
+    assert _request_actions(engine, state.id) == [
+        "signing_request.approval",
+        "signing_request.step_completed",
+        "grant.issued",
+        "signing_request.approved",
+    ]
+
+
+def test_record_approval_completes_an_approval_the_older_sequence_left_half_done(engine) -> None:
+    """Notes persisted and a grant issued by the one-activity-per-write sequence, then the
+    worker lost: the merged activity adds only what is missing and names the existing grant."""
+    from activities.requests import RequestActivities, persist_request_state, record_approval
+    from core.schemas import PersistRequestInput
+    from store.models import AuditEvent
+
+    state = _input(timedelta(hours=1), ["approver-1"]).request.model_copy(update={"version": 1})
+    persist_request_state(engine, PersistRequestInput(state=state))
+    approval = _approval_input(state, str(uuid.uuid4()))
+    persist_request_state(
+        engine,
+        PersistRequestInput(state=state.model_copy(update={"version": 2}), notes=approval.notes),
+    )
+    older = RequestActivities(engine, key_store=None).issue_grant(
+        approval.grant.model_copy(update={"grant_id": None})
+    )
+    assert older.grant_id != approval.grant.grant_id
+    issued = record_approval(engine, approval)
+    assert issued.grant_id == older.grant_id
+    with session_scope(engine) as session:
+        row = session.get(SigningRequest, state.id)
+        assert row is not None
+        assert (row.version, row.status, row.grant_id) == (3, "approved", older.grant_id)
+        assert row.state["grant_id"] == older.grant_id
+        approved = session.execute(
+            select(AuditEvent.data).where(  # type: ignore[call-overload]
+                AuditEvent.request_id == state.id, AuditEvent.action == "signing_request.approved"
+            )
+        ).scalar_one()
+    assert approved["grantId"] == older.grant_id
+    assert _request_actions(engine, state.id) == [
+        "signing_request.approval",
+        "signing_request.step_completed",
+        "grant.issued",
+        "signing_request.approved",
+    ]

@@ -25,8 +25,10 @@ with workflow.unsafe.imports_passed_through():
         DecisionInput,
         IssuedGrant,
         IssueGrantInput,
+        OpenRequestInput,
         PersistRequestInput,
         PreApprovalSignal,
+        RecordApprovalInput,
         ReleasePreApprovalInput,
         RequestState,
         SignArtifactInput,
@@ -42,6 +44,9 @@ with workflow.unsafe.imports_passed_through():
 
 NOT_ELIGIBLE = "NotEligible"
 LOCAL_ACTIVITIES_PATCH = "local-activities"
+# The opening write and its pre-approval claim as one activity; an approval's writes (notes,
+# grant, approved state) as one activity and one transaction.
+ONE_TRANSACTION_PATCH = "one-transaction-transitions"
 REQUEST_NOT_OPEN = "RequestNotOpen"
 
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
@@ -63,6 +68,7 @@ class SigningRequestWorkflow:
         self._pre_approval_wake_at: datetime | None = None
         self._wake_changed = False
         self._persist_lock = asyncio.Lock()
+        self._opened = False
         if self._request.steps and self._request.current_step is None:
             self._request.current_step = 0
             self._request.steps[0].status = "in-progress"
@@ -71,32 +77,42 @@ class SigningRequestWorkflow:
     @workflow.run
     async def run(self, input: SigningRequestInput) -> RequestState:
         request = self._request
-        await self._persist(
-            [
-                AuditNote(
-                    action="signing_request.opened",
-                    actor_id=request.requester_id,
-                    actor_name=request.requester_name,
-                    data={
-                        "signerId": request.signer_id,
-                        "signerName": request.signer_name,
-                        "signingPolicyId": request.signing_policy_id,
-                        "originalRequestId": request.original_request_id,
-                        "artifact": request.artifact.model_dump() if request.artifact else None,
-                    },
-                )
-            ]
-        )
-        if not request.steps:
-            await self._approve_without_steps(None, "no approval steps")
-        elif (
+        opened = [
+            AuditNote(
+                action="signing_request.opened",
+                actor_id=request.requester_id,
+                actor_name=request.requester_name,
+                data={
+                    "signerId": request.signer_id,
+                    "signerName": request.signer_name,
+                    "signingPolicyId": request.signing_policy_id,
+                    "originalRequestId": request.original_request_id,
+                    "artifact": request.artifact.model_dump() if request.artifact else None,
+                },
+            )
+        ]
+        machine_bypass = (
             self._policy is not None
             and self._policy.allow_machine_bypass
             and request.requester_kind == "machine"
-        ):
-            await self._approve_without_steps("machine", "machine bypass")
+        )
+        if workflow.patched(ONE_TRANSACTION_PATCH):
+            may_claim = bool(request.steps) and not machine_bypass
+            claimed = await self._open(input.request, opened, claim=may_claim)
+            if not request.steps:
+                await self._approve_without_steps(None, "no approval steps")
+            elif machine_bypass:
+                await self._approve_without_steps("machine", "machine bypass")
+            else:
+                await self._use_claim(claimed)
         else:
-            await self._try_pre_approval()
+            await self._persist(opened)
+            if not request.steps:
+                await self._approve_without_steps(None, "no approval steps")
+            elif machine_bypass:
+                await self._approve_without_steps("machine", "machine bypass")
+            else:
+                await self._try_pre_approval()
         await self._wait_for_decision()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._request
@@ -137,18 +153,23 @@ class SigningRequestWorkflow:
         request = self._request
         if request.status != "open" or self._granting:
             return
+        claimed: str | None = await self._activity("claim_pre_approval", self._claim_input(), result_type=str)
+        await self._use_claim(claimed)
+
+    def _claim_input(self) -> ClaimPreApprovalInput:
+        request = self._request
         executable = request.client_metadata.get("signingExecutable")
-        claimed: str | None = await self._activity(
-            "claim_pre_approval",
-            ClaimPreApprovalInput(
-                request_id=request.id,
-                signer_id=request.signer_id,
-                identity_id=request.requester_id,
-                ip_address=request.ip_address,
-                signing_executable=str(executable) if executable is not None else None,
-            ),
-            result_type=str,
+        return ClaimPreApprovalInput(
+            request_id=request.id,
+            signer_id=request.signer_id,
+            identity_id=request.requester_id,
+            ip_address=request.ip_address,
+            signing_executable=str(executable) if executable is not None else None,
         )
+
+    async def _use_claim(self, claimed: str | None) -> None:
+        """Approve by the claimed pre-approval, or give it back if the request was decided meanwhile."""
+        request = self._request
         if not claimed:
             return
         if request.status == "open" and not self._granting:
@@ -319,6 +340,9 @@ class SigningRequestWorkflow:
 
         The status turns `approved` only once the grant exists, so a client that sees it can sign.
         """
+        if workflow.patched(ONE_TRANSACTION_PATCH):
+            await self._grant_and_finish_in_one_transaction(notes)
+            return
         request = self._request
         await self._persist(notes)
         now = workflow.now()
@@ -376,6 +400,119 @@ class SigningRequestWorkflow:
             ]
         )
 
+    async def _grant_and_finish_in_one_transaction(self, notes: list[AuditNote]) -> None:
+        """The approval's notes, the grant and (without an artifact) the approved state, written
+        by one activity in one transaction: the versions the older sequence wrote one activity
+        each (notes as version n, approved as n + 1) with the same numbers and audit order.
+        With an artifact: notes and grant in one, then the signature, then the approved state."""
+        request = self._request
+        now = workflow.now()
+        if request.window_fixed:
+            valid_from, valid_until = request.valid_from, request.valid_until
+        else:
+            valid_from = now
+            valid_until = now + timedelta(seconds=request.window_seconds)
+        grant = IssueGrantInput(
+            request_id=request.id,
+            signer_id=request.signer_id,
+            identity_id=request.requester_id,
+            valid_from=valid_from,
+            valid_until=valid_until,
+            allowed_sign_operations=request.allowed_sign_operations,
+            grant_id=str(workflow.uuid4()),
+        )
+        await self._after_opening()
+        async with self._persist_lock:
+            request.version += 1
+            notes_version = request.version
+            request.grant_id = grant.grant_id
+            request.valid_from, request.valid_until = valid_from, valid_until
+            after: list[AuditNote] = []
+            if request.artifact is None:
+                request.version += 1
+                self._mark_approved()
+                after = [self._approved_note()]
+            issued: IssuedGrant = await self._activity(
+                "record_approval",
+                RecordApprovalInput(
+                    state=request.model_copy(deep=True),
+                    notes_version=notes_version,
+                    notes=notes,
+                    grant=grant,
+                    notes_after_grant=after,
+                ),
+                result_type=IssuedGrant,
+            )
+            request.grant_id = issued.grant_id
+            request.valid_from = issued.valid_from
+            request.valid_until = issued.valid_until
+        self._upsert_search_attributes()
+        if request.artifact is None:
+            self._granting = False
+            return
+        outcome: SignArtifactOutcome = await self._activity(
+            "sign_artifact",
+            SignArtifactInput(
+                request_id=request.id,
+                grant_id=issued.grant_id,
+                signer_id=request.signer_id,
+                identity_id=request.requester_id,
+                identity_name=request.requester_name,
+                artifact=request.artifact,
+                client_metadata=request.client_metadata,
+                ip_address=request.ip_address,
+            ),
+            result_type=SignArtifactOutcome,
+        )
+        request.signature = outcome.signature
+        request.signing_error = outcome.error
+        self._mark_approved()
+        self._granting = False
+        await self._persist([self._approved_note()])
+
+    def _mark_approved(self) -> None:
+        self._request.status = "approved"
+        self._request.closed_at = workflow.now()
+
+    def _approved_note(self) -> AuditNote:
+        request = self._request
+        return AuditNote(
+            action="signing_request.approved",
+            actor_name="system",
+            data={
+                "grantId": request.grant_id,
+                "signed": request.signature is not None,
+                "signingError": request.signing_error,
+            },
+        )
+
+    async def _open(self, opening: RequestState, notes: list[AuditNote], *, claim: bool) -> str | None:
+        """The opening write (the request as it was opened) and, with `claim`, the pre-approval
+        claim: one activity. Every later write waits for it (`_after_opening`)."""
+        async with self._persist_lock:
+            self._request.version += 1
+            claim = claim and self._request.status == "open" and not self._granting
+            claimed: str | None = await self._activity(
+                "open_request",
+                OpenRequestInput(
+                    persist=PersistRequestInput(
+                        state=opening.model_copy(update={"version": self._request.version}), notes=notes
+                    ),
+                    claim=self._claim_input() if claim else None,
+                ),
+                result_type=str,
+            )
+            self._opened = True
+        self._upsert_search_attributes()
+        return claimed
+
+    async def _after_opening(self) -> None:
+        """An update delivered with the workflow's start runs before `run` does: its writes wait
+        for the opening write, so the request's first version and first audit event are its
+        opening (histories from before the patch keep their order)."""
+        if not self._opened and workflow.patched(ONE_TRANSACTION_PATCH):
+            await workflow.wait_condition(lambda: self._opened)
+
     async def _activity(self, name: str, arg: Any, result_type: type | None = None) -> Any:
         """Run an activity as a local activity where the history allows it.
 
@@ -401,6 +538,7 @@ class SigningRequestWorkflow:
 
     async def _persist(self, notes: list[AuditNote]) -> None:
         """Write the whole request to the database, one version at a time, in order."""
+        await self._after_opening()
         async with self._persist_lock:
             self._request.version += 1
             snapshot = self._request.model_copy(deep=True)
@@ -408,6 +546,9 @@ class SigningRequestWorkflow:
                 "persist_request",
                 PersistRequestInput(state=snapshot, notes=notes),
             )
+        self._upsert_search_attributes()
+
+    def _upsert_search_attributes(self) -> None:
         workflow.upsert_search_attributes(
             [
                 SIGNING_STATUS.value_set(self._request.status),
