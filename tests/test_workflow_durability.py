@@ -27,7 +27,7 @@ from core.timeutil import utcnow
 from store.db import session_scope
 from store.models import Grant, SigningRequest
 from tests.conftest import TEST_SERVER_BIN
-from worker import request_activities
+from worker import request_activities, workflow_runner
 from workflows.signing_request import SigningRequestWorkflow
 
 
@@ -89,6 +89,7 @@ def _worker(client: Client, acts: RequestActivities, task_queue: str) -> Worker:
         client,
         task_queue=task_queue,
         workflows=[SigningRequestWorkflow],
+        workflow_runner=workflow_runner(),
         activities=request_activities(acts),
         activity_executor=concurrent.futures.ThreadPoolExecutor(4),
     )
