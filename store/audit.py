@@ -51,7 +51,7 @@ def event_hash(
     prev_hash: str,
     seq: int,
     event_id: str,
-    at: datetime,
+    at: datetime | str,
     actor_id: str | None,
     actor_name: str | None,
     action: str,
@@ -61,10 +61,11 @@ def event_hash(
     data: dict[str, Any],
     ip_address: str | None,
 ) -> str:
+    """`at` is the event's time, or its RFC 3339 text (`rfc3339`) when a caller hashes many."""
     content = {
         "id": event_id,
         "seq": seq,
-        "at": rfc3339(at),
+        "at": at if isinstance(at, str) else rfc3339(at),
         "actorId": actor_id,
         "actorName": actor_name,
         "action": action,

@@ -121,9 +121,13 @@ def decode_data(data_b64: str) -> bytes:
 def decode_sign_data(data_b64: str, signing_algorithm: str, key_algorithm: str, is_digest: bool) -> bytes:
     """Check the input before anything is recorded: bad input changes nothing."""
     from pki.algorithms import check_algorithm, digest_size
+    from pki.errors import PkiError
 
-    check_algorithm(key_algorithm, signing_algorithm)
-    data = decode_data(data_b64)
+    try:
+        check_algorithm(key_algorithm, signing_algorithm)
+        data = decode_data(data_b64)
+    except PkiError as exc:
+        raise BadRequest(exc.message, code=exc.code) from exc
     if is_digest and len(data) != digest_size(signing_algorithm):
         raise BadRequest(
             f"a {signing_algorithm} digest is {digest_size(signing_algorithm)} bytes, got {len(data)}",
