@@ -30,6 +30,7 @@ import asyncio
 import base64
 import concurrent.futures
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,6 @@ import os
 import re
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,8 +54,9 @@ from core.errors import (
     Unauthorized,
     Unavailable,
 )
+from core.ids import time_ordered_id
 from core.metrics import SIGN_OPERATIONS
-from core.timeutil import as_utc, utcnow
+from core.timeutil import as_utc, rfc3339, utcnow
 from store import audit
 from store.identities import hash_token, token_shaped, token_usable
 from store.signing import (
@@ -99,15 +100,33 @@ SELECT s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algori
 FROM signers s JOIN certificates c ON c.id = s.certificate_id
 WHERE s.id = :signer_id
 """  # noqa: S608
-_CONSUME_SET = """
-UPDATE grants SET used_sign_operations = used_sign_operations + 1,
-    status = CASE WHEN used_sign_operations + 1 >= allowed_sign_operations THEN 'exhausted' ELSE status END
-"""
-# The condition is repeated on the row being updated, so a candidate another transaction has
-# just exhausted no longer matches (PostgreSQL re-checks it on the newest row version).
-_CONSUME = f"{_CONSUME_SET} WHERE id = :grant_id AND {_USABLE_GRANT} RETURNING id, request_id"
-_CONSUME_FIRST = f"""
-{_CONSUME_SET} WHERE id = ({_GRANT_CANDIDATE}) AND {_USABLE_GRANT} RETURNING id, request_id
+# Grouped consumption (`_take`): the calls of one batch for the same signer and caller take
+# their operations together, one grant at a time, read with what it has left, then updated
+# under the same conditions plus "enough left".
+_CANDIDATE_LEFT = f"""
+SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants
+WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1
+"""  # noqa: S608
+_PINNED_LEFT = f"""
+SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants
+WHERE id = :grant_id AND {_USABLE_GRANT}
+"""  # noqa: S608
+_TAKE = f"""
+UPDATE grants SET used_sign_operations = used_sign_operations + :take,
+    status = CASE WHEN used_sign_operations + :take >= allowed_sign_operations THEN 'exhausted' ELSE status END
+WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
+RETURNING id
+"""  # noqa: S608
+# PostgreSQL (`_commit_pipelined`): every usable grant of a group, locked in the order spent.
+_LOCK_CANDIDATES = f"""
+SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants
+WHERE {_USABLE_GRANT} ORDER BY valid_until, id FOR UPDATE
+"""  # noqa: S608
+_LOCK_PINNED = f"{_PINNED_LEFT} FOR UPDATE"
+_ADD_USED = """
+UPDATE grants SET used_sign_operations = used_sign_operations + :take,
+    status = CASE WHEN used_sign_operations + :take >= allowed_sign_operations THEN 'exhausted' ELSE status END
+WHERE id = :grant_id
 """
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
@@ -125,9 +144,15 @@ VALUES (:id, :seq, :at, :actor_id, :actor_name, :action, 'signing_operation', :e
 _SET_HEAD_HASH = "UPDATE audit_head SET hash = :hash WHERE id = 1"
 _STORE_SIGNATURE = "UPDATE signing_requests SET signature = :signature WHERE id = :request_id"
 
+# The signer read of `_SIGNER` for the caller of a token, so both reads share one round trip.
+_SIGNER_BY_TOKEN = _SIGNER.replace(
+    ":identity_id", "(SELECT identity_id FROM api_tokens WHERE token_hash = :token_hash)"
+)
+
 _NAMED = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 
 
+@functools.lru_cache(maxsize=64)
 def _pyformat(sql: str) -> str:
     return _NAMED.sub(r"%(\1)s", sql)
 
@@ -141,7 +166,6 @@ class Database(Protocol):
     def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]: ...
     def execute(self, sql: str, params: dict[str, Any]) -> None: ...
     def execute_many(self, sql: str, params: Sequence[dict[str, Any]]) -> None: ...
-    def begin_write(self) -> None: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def time(self, value: datetime | None) -> Any: ...
@@ -159,6 +183,7 @@ class SqliteDatabase:
 
     def __init__(self, conn: sqlite3.Connection, lock_path: str | None = None) -> None:
         self.conn = conn
+        self._time_memo: tuple[datetime | None, Any] = (None, None)
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
         self._locked = False
 
@@ -214,9 +239,14 @@ class SqliteDatabase:
 
     def time(self, value: datetime | None) -> Any:
         # The text SQLAlchemy stores for a UTC datetime, so comparisons in SQL stay textual.
+        # A batch formats its one `now` many times: the last answer is kept.
         if value is None:
             return None
-        return as_utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")
+        last, text = self._time_memo
+        if last is not value:
+            text = as_utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")
+            self._time_memo = (value, text)
+        return text
 
     def read_time(self, value: Any) -> datetime | None:
         if value is None:
@@ -252,23 +282,62 @@ class PostgresDatabase:
         with self.conn.cursor() as cur:
             cur.executemany(_pyformat(sql), params)
 
-    def rows_many(self, sql: str, params: Sequence[dict[str, Any]]) -> list[list[tuple[Any, ...]]]:
-        """One query per parameter set, sent together in pipeline mode: one round trip."""
-        query = _pyformat(sql)
-        cursors = []
-        with self.conn.pipeline():
-            for one in params:
-                cur = self.conn.cursor()
-                cur.execute(query, one)
-                cursors.append(cur)
+    def rows_pipelined(
+        self, queries: Sequence[tuple[str, Sequence[dict[str, Any]]]]
+    ) -> list[list[list[tuple[Any, ...]]]]:
+        """Each query once per parameter set, all sent together in pipeline mode: one round trip."""
+        sent: list[list[Any]] = []
         try:
-            return [cast(list[tuple[Any, ...]], cur.fetchall()) for cur in cursors]
+            with self.conn.pipeline():
+                for sql, params in queries:
+                    query = _pyformat(sql)
+                    cursors = []
+                    for one in params:
+                        cur = self.conn.cursor()
+                        cur.execute(query, one)
+                        cursors.append(cur)
+                    sent.append(cursors)
+            return [[cast(list[tuple[Any, ...]], cur.fetchall()) for cur in cursors] for cursors in sent]
         finally:
-            for cur in cursors:
-                cur.close()
+            for cursors in sent:
+                for cur in cursors:
+                    cur.close()
 
-    def begin_write(self) -> None:
-        self.execute("SELECT pg_advisory_xact_lock(:key)", {"key": _PG_BATCH_LOCK})
+    def lock_and_advance(
+        self, groups: Sequence[dict[str, Any]], count: int
+    ) -> tuple[list[list[tuple[Any, ...]]], tuple[Any, ...]]:
+        """One round trip: the batch lock, each group's usable grants locked, the audit head
+        advanced by `count` (last). The grants of each group, and the head's (seq, hash)."""
+        queries: list[tuple[str, Sequence[dict[str, Any]]]] = [
+            ("SELECT pg_advisory_xact_lock(:key)", [{"key": _PG_BATCH_LOCK}])
+        ]
+        for group in groups:
+            if group["grant_id"] is None:
+                queries.append((_LOCK_CANDIDATES, [{k: v for k, v in group.items() if k != "grant_id"}]))
+            else:
+                queries.append((_LOCK_PINNED, [group]))
+        queries.append((_ADVANCE_HEAD, [{"count": count}]))
+        answers = self.rows_pipelined(queries)
+        return [one[0] for one in answers[1:-1]], answers[-1][0][0]
+
+    def write_and_commit(
+        self,
+        grant_updates: Sequence[dict[str, Any]],
+        operations: Sequence[dict[str, Any]],
+        events: Sequence[dict[str, Any]],
+        head_hash: str,
+        signatures: Sequence[dict[str, Any]],
+    ) -> None:
+        """One round trip: the grant updates, the records, the head hash and COMMIT."""
+        with self.conn.pipeline(), self.conn.cursor() as cur:
+            if grant_updates:
+                cur.executemany(_pyformat(_ADD_USED), grant_updates)
+            cur.executemany(_pyformat(_INSERT_OPERATION), operations)
+            cur.executemany(_pyformat(_INSERT_EVENT), events)
+            cur.execute(_pyformat(_SET_HEAD_HASH), {"hash": head_hash})
+            if signatures:
+                cur.executemany(_pyformat(_STORE_SIGNATURE), signatures)
+            self.conn.commit()
 
     def commit(self) -> None:
         self.conn.commit()
@@ -289,13 +358,17 @@ class PostgresDatabase:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-class _Prefetched:
-    """A connection whose answers to some reads were fetched ahead, in pipelines (PostgreSQL).
+class _BatchReads:
+    """Phase 1's reads of callers and signers, each asked once per batch.
 
-    Phase 1 still asks its questions one call at a time; those already answered cost nothing.
+    The calls of one batch share one instant (`now`), so the same token or the same signer and
+    caller read twice would read the same; on PostgreSQL they are fetched ahead, in pipelines.
+    Every other statement goes to the connection.
     """
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    MEMO = frozenset({_CALLER, _SIGNER})
+
+    def __init__(self, db: Database) -> None:
         self.db = db
         self.answers: dict[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
 
@@ -303,37 +376,49 @@ class _Prefetched:
     def _key(sql: str, params: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
         return sql, tuple(sorted(params.items()))
 
-    def fetch(self, sql: str, params: list[dict[str, Any]]) -> None:
-        unique = list({self._key(sql, p): p for p in params}.values())
-        if not unique:
-            return
-        for one, rows in zip(unique, self.db.rows_many(sql, unique), strict=True):
-            self.answers[self._key(sql, one)] = rows
+    def remember(self, sql: str, params: dict[str, Any], rows: list[tuple[Any, ...]]) -> None:
+        self.answers[self._key(sql, params)] = rows
 
     def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        found = self.answers.get(self._key(sql, params))
-        return found if found is not None else self.db.rows(sql, params)
+        if sql not in self.MEMO:
+            return self.db.rows(sql, params)
+        key = self._key(sql, params)
+        found = self.answers.get(key)
+        if found is None:
+            found = self.answers[key] = self.db.rows(sql, params)
+        return found
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
 
 
-def _prefetch(db: PostgresDatabase, calls: Sequence[SignCall], now: datetime) -> _Prefetched:
-    """Phase 1's token and signer reads for every call of the batch, in two round trips."""
-    ahead = _Prefetched(db)
+def _prefetch(db: PostgresDatabase, calls: Sequence[SignCall], now: datetime) -> _BatchReads:
+    """Phase 1's token and signer reads for every call of the batch, in one round trip."""
+    ahead = _BatchReads(db)
     hashes = {call.token: hash_token(call.token) for call in calls if call.token and token_shaped(call.token)}
-    ahead.fetch(_CALLER, [{"token_hash": digest} for digest in hashes.values()])
+    callers = [{"token_hash": digest} for digest in set(hashes.values())]
+    signers = [
+        {"signer_id": signer_id, "token_hash": digest, "now": db.time(now)}
+        for signer_id, digest in {
+            (call.signer_id, hashes[call.token]) for call in calls if call.token in hashes
+        }
+    ]
+    if not callers:
+        return ahead
+    caller_rows, signer_rows = db.rows_pipelined([(_CALLER, callers), (_SIGNER_BY_TOKEN, signers)])
     identities: dict[str, str] = {}
-    for token, digest in hashes.items():
-        found = ahead.answers.get(ahead._key(_CALLER, {"token_hash": digest}))
-        if found:
-            identities[token] = found[0][4]
-    wanted = []
-    for call in calls:
-        identity = call.actor.id if call.actor is not None else identities.get(call.token or "")
-        if identity is not None or call.actor is not None:
-            wanted.append({"signer_id": call.signer_id, "identity_id": identity or "", "now": db.time(now)})
-    ahead.fetch(_SIGNER, wanted)
+    for params, rows in zip(callers, caller_rows, strict=True):
+        ahead.remember(_CALLER, params, rows)
+        if rows:
+            identities[params["token_hash"]] = rows[0][4]
+    for params, rows in zip(signers, signer_rows, strict=True):
+        identity = identities.get(params["token_hash"])
+        if identity is not None:
+            ahead.remember(
+                _SIGNER,
+                {"signer_id": params["signer_id"], "identity_id": identity, "now": params["now"]},
+                rows,
+            )
     return ahead
 
 
@@ -389,7 +474,7 @@ class _Attempt:
     key: SignerKey
     data_sha256: str
     needs_grant: bool
-    operation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    operation_id: str = field(default_factory=time_ordered_id)
     signature: bytes | None = None
     refusal: SigngateError | None = None
     status: str = "denied"
@@ -507,85 +592,96 @@ def _approval_required() -> ApprovalRequired:
     return ApprovalRequired("an approved grant for this signer is required; open a signing request")
 
 
-def _grant_params(db: Database, attempt: _Attempt, now: datetime) -> dict[str, Any]:
-    return {"signer_id": attempt.key.signer_id, "identity_id": attempt.actor.id or "", "now": db.time(now)}
+def _take(
+    db: Database, signer_id: str, identity_id: str, pinned: str | None, wanted: int, now: Any
+) -> list[tuple[str, str]]:
+    """Up to `wanted` operations from the caller's usable grants: (grant id, request id) each.
 
-
-def _consume(db: Database, attempt: _Attempt, now: datetime) -> tuple[str, str] | None:
-    """Take one operation from an active grant inside its window; (grant id, request id) or None.
-
-    The conditional UPDATE is what decides, in one statement: a candidate another transaction
-    has just exhausted no longer matches, and the next candidate is tried.
+    SQLite, inside the batch's write transaction (which holds the database's write lock): the
+    candidate is read with what it has left, then updated under the same conditions plus
+    "enough left", so no grant is ever overspent.
     """
-    params = _grant_params(db, attempt, now)
-    if attempt.call.grant_id is not None:
-        taken = db.rows(_CONSUME, {**params, "grant_id": attempt.call.grant_id})
-        return (str(taken[0][0]), str(taken[0][1])) if taken else None
-    for _ in range(5):
-        taken = db.rows(_CONSUME_FIRST, params)
-        if taken:
-            return str(taken[0][0]), str(taken[0][1])
-        if not db.rows(_GRANT_CANDIDATE, params):
-            return None
-    return None
+    params: dict[str, Any] = {"signer_id": signer_id, "identity_id": identity_id, "now": now}
+    if pinned is not None:
+        params["grant_id"] = pinned
+    query = _PINNED_LEFT if pinned is not None else _CANDIDATE_LEFT
+    taken: list[tuple[str, str]] = []
+    misses = 0
+    while len(taken) < wanted and misses < 5:
+        found = db.rows(query, params)
+        if not found:
+            break
+        grant_id, request_id, left = found[0]
+        take = min(int(left), wanted - len(taken))
+        if take > 0 and db.rows(_TAKE, {**params, "grant_id": grant_id, "take": take}):
+            taken += [(str(grant_id), str(request_id))] * take
+        else:
+            misses += 1
+    return taken
 
 
-def _write(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
-    """Phase 2, inside the caller's write transaction."""
+_GroupKey = tuple[str, str, str | None]  # signer, caller, pinned grant
+
+
+def _grant_groups(attempts: Sequence[_Attempt]) -> dict[_GroupKey, list[_Attempt]]:
+    """The attempts that need a grant operation, by signer, caller and pinned grant, in order.
+
+    The others are settled here: a refusal names the grant it was pinned to (a failed
+    signature consumed nothing), a call that needs no grant succeeds.
+    """
+    groups: dict[_GroupKey, list[_Attempt]] = {}
     for attempt in attempts:
         if attempt.refusal is not None:
-            # A denial names the grant it was pinned to; a failed signature consumed nothing.
             attempt.grant_id = attempt.call.grant_id if attempt.status == "denied" else None
             attempt.request_id = None
-            continue
-        consumed = _consume(db, attempt, now) if attempt.needs_grant else None
-        if attempt.needs_grant and consumed is None:
+        elif not attempt.needs_grant:
+            attempt.status, attempt.grant_id, attempt.request_id = "success", None, None
+        else:
+            key = (attempt.key.signer_id, attempt.actor.id or "", attempt.call.grant_id)
+            groups.setdefault(key, []).append(attempt)
+    return groups
+
+
+def _settle(members: list[_Attempt], taken: list[tuple[str, str]], pinned: str | None) -> None:
+    """The first len(taken) attempts of a group succeed on the operations taken; the rest are denied."""
+    for position, attempt in enumerate(members):
+        if position < len(taken):
+            attempt.status = "success"
+            attempt.grant_id, attempt.request_id = taken[position]
+        else:
             attempt.signature = None
             attempt.refusal = _approval_required()
-            attempt.status, attempt.grant_id, attempt.request_id = "denied", attempt.call.grant_id, None
-            continue
-        attempt.status = "success"
-        attempt.grant_id, attempt.request_id = consumed if consumed is not None else (None, None)
-    db.execute_many(
-        _INSERT_OPERATION,
-        [
-            {
-                "id": a.operation_id,
-                "at": db.time(now),
-                "signer_id": a.key.signer_id,
-                "actor_id": a.actor.id or "system",
-                "status": a.status,
-                "signing_algorithm": a.call.signing_algorithm,
-                "data_sha256": a.data_sha256,
-                "grant_id": a.grant_id,
-                "request_id": a.request_id,
-                "client_metadata": None
-                if a.call.client_metadata is None
-                else json.dumps(a.call.client_metadata),
-                "ip_address": a.actor.ip_address,
-                "error": None if a.refusal is None else a.refusal.description,
-            }
-            for a in attempts
-        ],
-    )
-    _append_events(db, attempts)
-    for attempt in attempts:
-        if attempt.status == "success" and attempt.call.store_signature_on_request is not None:
-            assert attempt.signature is not None
-            db.execute(
-                _STORE_SIGNATURE,
-                {
-                    "signature": base64.b64encode(attempt.signature).decode(),
-                    "request_id": attempt.call.store_signature_on_request,
-                },
-            )
+            attempt.status, attempt.grant_id, attempt.request_id = "denied", pinned, None
 
 
-def _append_events(db: Database, attempts: Sequence[_Attempt]) -> None:
-    """One audit event per attempt, chained in order; the head row is the last lock taken."""
-    head = db.rows(_ADVANCE_HEAD, {"count": len(attempts)})[0]
-    seq, prev_hash = int(head[0]) - len(attempts), str(head[1])
+def _operation_rows(attempts: Sequence[_Attempt], at: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": a.operation_id,
+            "at": at,
+            "signer_id": a.key.signer_id,
+            "actor_id": a.actor.id or "system",
+            "status": a.status,
+            "signing_algorithm": a.call.signing_algorithm,
+            "data_sha256": a.data_sha256,
+            "grant_id": a.grant_id,
+            "request_id": a.request_id,
+            "client_metadata": None if a.call.client_metadata is None else json.dumps(a.call.client_metadata),
+            "ip_address": a.actor.ip_address,
+            "error": None if a.refusal is None else a.refusal.description,
+        }
+        for a in attempts
+    ]
+
+
+def _event_rows(
+    db: Database, attempts: Sequence[_Attempt], head_seq: int, head_hash: str
+) -> tuple[list[dict[str, Any]], str]:
+    """One audit event per attempt, chained in order after the head (already advanced by
+    len(attempts)); the rows and the new head hash."""
+    seq, prev_hash = head_seq - len(attempts), head_hash
     at = utcnow()
+    at_text, at_db = rfc3339(at), db.time(at)
     events = []
     for attempt in attempts:
         seq += 1
@@ -603,13 +699,13 @@ def _append_events(db: Database, attempts: Sequence[_Attempt]) -> None:
                 }
             ),
         )
-        event_id = str(uuid.uuid4())
+        event_id = time_ordered_id()
         action = f"signing_operation.{attempt.status}"
         digest = audit.event_hash(
             prev_hash=prev_hash,
             seq=seq,
             event_id=event_id,
-            at=at,
+            at=at_text,
             actor_id=attempt.actor.id,
             actor_name=attempt.actor.name,
             action=action,
@@ -623,7 +719,7 @@ def _append_events(db: Database, attempts: Sequence[_Attempt]) -> None:
             {
                 "id": event_id,
                 "seq": seq,
-                "at": db.time(at),
+                "at": at_db,
                 "actor_id": attempt.actor.id,
                 "actor_name": attempt.actor.name,
                 "action": action,
@@ -636,8 +732,37 @@ def _append_events(db: Database, attempts: Sequence[_Attempt]) -> None:
             }
         )
         prev_hash = digest
+    return events, prev_hash
+
+
+def _signature_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
+    rows = []
+    for attempt in attempts:
+        if attempt.status == "success" and attempt.call.store_signature_on_request is not None:
+            assert attempt.signature is not None
+            rows.append(
+                {
+                    "signature": base64.b64encode(attempt.signature).decode(),
+                    "request_id": attempt.call.store_signature_on_request,
+                }
+            )
+    return rows
+
+
+def _write(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
+    """Phase 2 on SQLite, inside the caller's write transaction: statement by statement (each
+    is a local call)."""
+    at = db.time(now)
+    for (signer_id, identity_id, pinned), members in _grant_groups(attempts).items():
+        _settle(members, _take(db, signer_id, identity_id, pinned, len(members), at), pinned)
+    db.execute_many(_INSERT_OPERATION, _operation_rows(attempts, at))
+    # The audit head is the last lock taken.
+    head = db.rows(_ADVANCE_HEAD, {"count": len(attempts)})[0]
+    events, last_hash = _event_rows(db, attempts, int(head[0]), str(head[1]))
     db.execute_many(_INSERT_EVENT, events)
-    db.execute(_SET_HEAD_HASH, {"hash": prev_hash})
+    db.execute(_SET_HEAD_HASH, {"hash": last_hash})
+    for row in _signature_rows(attempts):
+        db.execute(_STORE_SIGNATURE, row)
 
 
 def _outcome(attempt: _Attempt) -> Outcome:
@@ -654,10 +779,52 @@ def _outcome(attempt: _Attempt) -> Outcome:
 
 
 def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
+    if isinstance(db, PostgresDatabase):
+        _commit_pipelined(db, attempts, now)
+        return
+    assert isinstance(db, SqliteDatabase)
     db.begin_write()
     try:
         _write(db, attempts, now)
         db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: datetime) -> None:
+    """Phase 2 on PostgreSQL in two round trips, COMMIT included.
+
+    1. The batch lock, every usable grant of each group read FOR UPDATE (in the order they are
+       spent, so concurrent writers lock them in one order; a row that stopped matching while
+       we waited is left out), and the audit head advanced for every attempt, last.
+    2. The operations taken from the locked grants (computed from what they had left, which no
+       one else can change now), the operation records, the chained audit events, the head
+       hash and COMMIT.
+
+    Only after COMMIT answers does any caller get an answer.
+    """
+    groups = _grant_groups(attempts)
+    params = [
+        {"signer_id": signer_id, "identity_id": identity_id, "now": now, "grant_id": pinned}
+        for signer_id, identity_id, pinned in groups
+    ]
+    try:
+        locked, head = db.lock_and_advance(params, len(attempts))
+        updates: list[dict[str, Any]] = []
+        for ((_, _, pinned), members), candidates in zip(groups.items(), locked, strict=True):
+            taken: list[tuple[str, str]] = []
+            for grant_id, request_id, left in candidates:
+                take = min(int(left), len(members) - len(taken))
+                if take <= 0:
+                    break
+                updates.append({"grant_id": grant_id, "take": take})
+                taken += [(str(grant_id), str(request_id))] * take
+            _settle(members, taken, pinned)
+        events, last_hash = _event_rows(db, attempts, int(head[0]), str(head[1]))
+        db.write_and_commit(
+            updates, _operation_rows(attempts, now), events, last_hash, _signature_rows(attempts)
+        )
     except BaseException:
         db.rollback()
         raise
@@ -682,7 +849,9 @@ def run_batch(
     attempts: list[_Attempt] = []
     try:
         reads: Database = (
-            _prefetch(db, calls, now) if isinstance(db, PostgresDatabase) and len(calls) > 1 else db
+            _prefetch(db, calls, now)
+            if isinstance(db, PostgresDatabase) and len(calls) > 1
+            else cast(Database, _BatchReads(db))
         )
         for index, call in enumerate(calls):
             try:
@@ -730,25 +899,39 @@ def run_batch(
 
 
 class SignBatcher:
-    """Group commit for one API process: the calls that arrive while a batch is being decided
+    """Group commit for one API process: the calls that arrive while batches are being decided
     and committed share the next one.
 
-    Batches run on one thread of their own with one connection, so the event loop keeps
-    reading and answering requests while a batch waits for the database or signs. On SQLite a
-    batch whose calls all go to signers last seen with an EC key runs on the event loop
-    instead: an ECDSA signature and a local commit cost less than the hop to the thread and
-    back. RSA signatures (about 250 µs each) and PostgreSQL round trips stay on the thread.
+    Batches run on threads of their own, each with its own connection, so the event loop keeps
+    reading and answering requests while a batch waits for the database or signs. Up to
+    `max_in_flight` batches run at once: while one holds the write lock or waits for its
+    COMMIT, the next reads and signs (RSA signatures release the GIL, so they use the other
+    core); their writes still queue on the database's lock, in order.
+
+    On SQLite a batch whose calls all go to signers last seen with an EC key runs on the event
+    loop instead, one at a time: an ECDSA signature and a local commit cost less than the hop to
+    a thread and back. RSA signatures (about 250 µs each) and PostgreSQL round trips go to the
+    threads.
     """
 
-    def __init__(self, engine: Engine, key_store: CachingKeyStore, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        key_store: CachingKeyStore,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = 2,
+    ) -> None:
         self.engine = engine
         self.key_store = key_store
         self.max_batch = max_batch
-        self._db: SqliteDatabase | PostgresDatabase | None = None
+        self.max_in_flight = max_in_flight
+        self._idle: list[SqliteDatabase | PostgresDatabase] = []  # connections not in use
         self._pending: list[tuple[SignCall, asyncio.Future[Outcome]]] = []
-        self._running = False
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sign-batch")
+        self._in_flight = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="sign-batch")
         self._lock = threading.Lock()
+        self._closed = False
         self._on_loop_allowed = engine.url.get_backend_name() == "sqlite"
         # signer id -> key algorithm, as the last batch that reached the signer saw it.
         self._key_algorithms: dict[str, str] = {}
@@ -757,8 +940,8 @@ class SignBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._pending.append((call, future))
-        if not self._running:
-            self._running = True
+        if self._in_flight < self.max_in_flight:
+            self._in_flight += 1
             # Scheduled, not started: the other calls of this loop turn join the batch.
             loop.call_soon(self._start, loop)
         outcome = await future
@@ -767,13 +950,17 @@ class SignBatcher:
         return outcome
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the next batch; the caller has counted it in `_in_flight`."""
         batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        if not batch:
+            self._in_flight -= 1
+            return
         calls = [call for call, _ in batch]
-        if self._cheap(calls):
+        if self._cheap(calls) and self._in_flight == 1:
             done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
             try:
                 done.set_result(self._run(calls))
-            except Exception as exc:  # handed to the callers, as from the thread
+            except Exception as exc:  # handed to the callers, as from a thread
                 done.set_exception(exc)
             self._finish(loop, batch, done)
             return
@@ -793,11 +980,23 @@ class SignBatcher:
 
     def _run(self, calls: list[SignCall]) -> list[Outcome]:
         with self._lock:
-            if self._db is None:
-                self._db = open_database(self.engine)
+            db = self._idle.pop() if self._idle else None
             if len(self._key_algorithms) > 10_000:
                 self._key_algorithms = {}
-            return run_batch(self._db, self.key_store, calls, self._key_algorithms)
+        if db is None:
+            db = open_database(self.engine)
+        try:
+            outcomes = run_batch(db, self.key_store, calls, self._key_algorithms)
+        except BaseException:
+            # After an unexpected failure the connection's state is unknown: drop it.
+            _close_quietly(db)
+            raise
+        with self._lock:
+            if self._closed:
+                _close_quietly(db)
+            else:
+                self._idle.append(db)
+        return outcomes
 
     def _finish(
         self,
@@ -806,8 +1005,6 @@ class SignBatcher:
         done: concurrent.futures.Future[list[Outcome]],
     ) -> None:
         error = done.exception()
-        if error is not None:
-            self._discard()
         for position, (_, future) in enumerate(batch):
             if future.done():
                 continue
@@ -816,24 +1013,25 @@ class SignBatcher:
             else:
                 future.set_result(done.result()[position])
         if self._pending:
-            # The calls that arrive before the loop comes back to it join the next batch.
+            # The calls that arrived meanwhile form the next batch, on the slot this one frees.
             loop.call_soon(self._start, loop)
         else:
-            self._running = False
-
-    def _discard(self) -> None:
-        """After an unexpected failure the connection's state is unknown: open a new one."""
-        with self._lock:
-            if self._db is not None:
-                try:
-                    self._db.close()
-                except Exception:  # noqa: S110
-                    pass
-                self._db = None
+            self._in_flight -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self._discard()
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for db in idle:
+            _close_quietly(db)
+
+
+def _close_quietly(db: SqliteDatabase | PostgresDatabase) -> None:
+    try:
+        db.close()
+    except Exception:  # noqa: S110 - nothing more to do with a connection being dropped
+        pass
 
 
 def sign_once(engine: Engine, key_store: CachingKeyStore, call: SignCall) -> SignResult:
