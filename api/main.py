@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
+from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.context import AppContext
@@ -45,12 +47,72 @@ class LazyKeyStore:
         return getattr(self.open(), name)
 
 
+_INTERNAL_ERROR = (
+    b'{"error":"internal_error","error_description":"an internal error occurred"}'
+)
+
+
+class SigngateApp(FastAPI):
+    """FastAPI, with a few hot calls served before the middleware stack.
+
+    A fast route is a bare ASGI endpoint for one method and path pattern (the sign call): it
+    skips the exception, body-limit and routing layers, which cost more than its signature.
+    It answers every error itself; anything unexpected still gets the contract's 500 body.
+    The FastAPI route of the same path stays registered for the OpenAPI document.
+    """
+
+    fast_routes: list[tuple[str, re.Pattern[str], ASGIApp]]
+
+    def add_fast_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
+        pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)))
+        self.fast_routes = [*getattr(self, "fast_routes", []), (method, pattern, endpoint)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for method, pattern, endpoint in getattr(self, "fast_routes", ()):
+                if scope["method"] != method:
+                    continue
+                path: str = scope["path"]
+                root = scope.get("root_path", "")
+                if root and path.startswith(root):
+                    path = path[len(root) :]
+                found = pattern.fullmatch(path)
+                if found is not None:
+                    scope["app"] = self
+                    scope["path_params"] = found.groupdict()
+                    await _guarded(endpoint, scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+
+async def _guarded(endpoint: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    started = False
+
+    async def tracking_send(message: dict[str, object]) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        await endpoint(scope, receive, cast(Send, tracking_send))
+    except Exception:
+        log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+        if started:
+            raise
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(_INTERNAL_ERROR)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     engine: Engine | None = None,
     temporal: Client | None = None,
-) -> FastAPI:
+) -> SigngateApp:
     """Build the app; tests pass their own engine and Temporal client, servers let lifespan connect."""
     settings = settings or Settings()
 
@@ -70,7 +132,7 @@ def create_app(
         if ctx.owns_engine:
             ctx.engine.dispose()
 
-    app = FastAPI(
+    app = SigngateApp(
         title="signgate",
         version="0.1.0",
         description="Code signing with server-held keys, approval policies and an audit trail.",
@@ -95,7 +157,7 @@ def create_app(
     return app
 
 
-def _include_optional_routes(app: FastAPI) -> None:
+def _include_optional_routes(app: SigngateApp) -> None:
     import importlib
 
     for name in (

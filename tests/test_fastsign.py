@@ -206,12 +206,12 @@ async def test_ec_batches_run_on_the_loop_once_the_key_is_known(api: Api, app: A
 
 
 async def test_sign_is_served_by_the_bare_route_and_still_documented(api: Api, app: Any) -> None:
-    from starlette.routing import Route
-
     from api.routes.signers import FastSignEndpoint
 
-    first = app.router.routes[0]
-    assert isinstance(first, Route) and isinstance(first.endpoint, FastSignEndpoint)
+    [(method, pattern, endpoint)] = app.fast_routes
+    assert method == "POST" and isinstance(endpoint, FastSignEndpoint)
+    assert pattern.fullmatch("/api/v1/pki/signers/abc-1/sign").groupdict() == {"signer_id": "abc-1"}
+    assert pattern.fullmatch("/api/v1/pki/signers/abc/1/sign") is None
     assert "post" in app.openapi()["paths"]["/api/v1/pki/signers/{signer_id}/sign"]
     member = await api.identity(scopes=["codesign:sign"])
     signer = await api.signer(members=[member])
@@ -226,3 +226,24 @@ async def test_sign_is_served_by_the_bare_route_and_still_documented(api: Api, a
     assert r.json() == {"error": "unauthorized", "error_description": "a valid bearer token is required"}
     r = await api.http.get("/api/v1" + path)
     assert r.status_code == 405
+
+
+async def test_an_unexpected_error_on_the_bare_route_is_the_contracts_500(
+    api: Api, app: Any, monkeypatch: Any
+) -> None:
+    from api.routes.signers import FastSignEndpoint
+
+    async def broken(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    monkeypatch.setattr(FastSignEndpoint, "__call__", broken)
+    r = await api.call(
+        "POST",
+        f"/pki/signers/{signer['id']}/sign",
+        member,
+        json={"data": DIGEST, "signingAlgorithm": "ECDSA_SHA256", "isDigest": True},
+    )
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal_error", "error_description": "an internal error occurred"}

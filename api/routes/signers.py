@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import Field, ValidationError, model_validator
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api.context import AppContext
@@ -326,7 +325,7 @@ async def sign(signer_id: str, request: Request) -> Response:
     than by `SignerAccess`: the token, membership, grant and record then cost one visit to
     the database, shared with the calls that arrive alongside.
 
-    Served by `FastSignRoute` (installed ahead of the FastAPI routes by `install_fast_sign`);
+    Served by `FastSignEndpoint` (installed ahead of the middleware by `install_fast_sign`);
     this handler documents the call in the OpenAPI document and answers the same way should
     the app be built without the fast route.
     """
@@ -431,17 +430,14 @@ class FastSignEndpoint:
 
 
 def install_fast_sign(app: FastAPI, prefix: str = "/api/v1") -> None:
-    """Serve the sign call by `FastSignEndpoint`, matched before every FastAPI route.
+    """Serve the sign call by `FastSignEndpoint`, ahead of the middleware stack and every route.
 
     The FastAPI route stays registered so the OpenAPI document still describes the call.
     """
-    route = Route(
-        prefix + "/pki/signers/{signer_id}/sign",
-        endpoint=FastSignEndpoint(),
-        methods=["POST"],
-        include_in_schema=False,
-    )
-    app.router.routes.insert(0, route)
+    from api.main import SigngateApp
+
+    if isinstance(app, SigngateApp):
+        app.add_fast_route("POST", prefix + "/pki/signers/{signer_id}/sign", FastSignEndpoint())
 
 
 @router.post("/pki/signers/{signer_id}/verify", response_model=VerifyOut)
