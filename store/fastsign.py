@@ -72,8 +72,6 @@ log = logging.getLogger(__name__)
 
 SIGN_SCOPE = "codesign:sign"
 MAX_BATCH = 128
-# Any constant distinguishes the advisory lock of sign batches from others the database may hold.
-_PG_BATCH_LOCK = 0x5167_6E67
 
 _UNAUTHORIZED = "a valid bearer token is required"
 
@@ -123,10 +121,56 @@ SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grant
 WHERE {_USABLE_GRANT} ORDER BY valid_until, id FOR UPDATE
 """  # noqa: S608
 _LOCK_PINNED = f"{_PINNED_LEFT} FOR UPDATE"
-_ADD_USED = """
-UPDATE grants SET used_sign_operations = used_sign_operations + :take,
-    status = CASE WHEN used_sign_operations + :take >= allowed_sign_operations THEN 'exhausted' ELSE status END
-WHERE id = :grant_id
+# Then every write of the batch in one statement: the operations taken from the locked grants,
+# the operation records, their audit events, signatures kept on requests and the head hash.
+_WRITE_BATCH = """
+WITH taken AS (
+    UPDATE grants SET used_sign_operations = used_sign_operations + u.take,
+        status = CASE WHEN used_sign_operations + u.take >= allowed_sign_operations
+                      THEN 'exhausted' ELSE status END
+    FROM json_to_recordset(:batch::json -> 'grants') AS u(id text, take int)
+    WHERE grants.id = u.id
+    RETURNING 1
+), operations AS (
+    INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm,
+        data_sha256, grant_id, request_id, client_metadata, ip_address, error)
+    SELECT o.id, :operation_at, o.signer_id, o.actor_id, o.status, o.signing_algorithm,
+        o.data_sha256, o.grant_id, o.request_id, o.client_metadata, o.ip_address, o.error
+    FROM json_to_recordset(:batch::json -> 'operations') AS o(id text, signer_id text,
+        actor_id text, status text, signing_algorithm text, data_sha256 text, grant_id text,
+        request_id text, client_metadata json, ip_address text, error text)
+    RETURNING 1
+), events AS (
+    INSERT INTO audit_events (id, seq, at, actor_id, actor_name, action, entity_type, entity_id,
+        request_id, data, ip_address, prev_hash, hash)
+    SELECT e.id, e.seq, :event_at, e.actor_id, e.actor_name, e.action, 'signing_operation',
+        e.entity_id, e.request_id, e.data, e.ip_address, e.prev_hash, e.hash
+    FROM json_to_recordset(:batch::json -> 'events') AS e(id text, seq int, actor_id text,
+        actor_name text, action text, entity_id text, request_id text, data json,
+        ip_address text, prev_hash text, hash text)
+    RETURNING 1
+), signatures AS (
+    UPDATE signing_requests SET signature = u.signature
+    FROM json_to_recordset(:batch::json -> 'signatures') AS u(request_id text, signature text)
+    WHERE signing_requests.id = u.request_id
+    RETURNING 1
+)
+UPDATE audit_head SET hash = :head_hash WHERE id = 1
+"""
+# The caller of a token and the signer as `_CALLER` and `_SIGNER` read them, in one statement.
+_CALLER_AND_SIGNER = """
+SELECT t.token_hash, t.scopes, t.expires_at, t.revoked_at, i.id, i.name,
+       s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algorithm,
+       c.sealed_key, c.not_before, c.not_after,
+       (SELECT 1 FROM signer_members m WHERE m.signer_id = s.id AND m.identity_id = i.id),
+       (SELECT g.id FROM grants g
+        WHERE g.signer_id = s.id AND g.identity_id = i.id AND g.status = 'active'
+          AND g.valid_from <= :now AND g.valid_until > :now
+          AND g.used_sign_operations < g.allowed_sign_operations
+        LIMIT 1)
+FROM api_tokens t JOIN identities i ON i.id = t.identity_id
+LEFT JOIN (signers s JOIN certificates c ON c.id = s.certificate_id) ON s.id = :signer_id
+WHERE t.token_hash = :token_hash
 """
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
@@ -143,11 +187,6 @@ VALUES (:id, :seq, :at, :actor_id, :actor_name, :action, 'signing_operation', :e
 """
 _SET_HEAD_HASH = "UPDATE audit_head SET hash = :hash WHERE id = 1"
 _STORE_SIGNATURE = "UPDATE signing_requests SET signature = :signature WHERE id = :request_id"
-
-# The signer read of `_SIGNER` for the caller of a token, so both reads share one round trip.
-_SIGNER_BY_TOKEN = _SIGNER.replace(
-    ":identity_id", "(SELECT identity_id FROM api_tokens WHERE token_hash = :token_hash)"
-)
 
 _NAMED = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 
@@ -306,11 +345,9 @@ class PostgresDatabase:
     def lock_and_advance(
         self, groups: Sequence[dict[str, Any]], count: int
     ) -> tuple[list[list[tuple[Any, ...]]], tuple[Any, ...]]:
-        """One round trip: the batch lock, each group's usable grants locked, the audit head
-        advanced by `count` (last). The grants of each group, and the head's (seq, hash)."""
-        queries: list[tuple[str, Sequence[dict[str, Any]]]] = [
-            ("SELECT pg_advisory_xact_lock(:key)", [{"key": _PG_BATCH_LOCK}])
-        ]
+        """One round trip: each group's usable grants locked, then the audit head advanced by
+        `count` (the last lock). The grants of each group, and the head's (seq, hash)."""
+        queries: list[tuple[str, Sequence[dict[str, Any]]]] = []
         for group in groups:
             if group["grant_id"] is None:
                 queries.append((_LOCK_CANDIDATES, [{k: v for k, v in group.items() if k != "grant_id"}]))
@@ -318,25 +355,12 @@ class PostgresDatabase:
                 queries.append((_LOCK_PINNED, [group]))
         queries.append((_ADVANCE_HEAD, [{"count": count}]))
         answers = self.rows_pipelined(queries)
-        return [one[0] for one in answers[1:-1]], answers[-1][0][0]
+        return [one[0] for one in answers[:-1]], answers[-1][0][0]
 
-    def write_and_commit(
-        self,
-        grant_updates: Sequence[dict[str, Any]],
-        operations: Sequence[dict[str, Any]],
-        events: Sequence[dict[str, Any]],
-        head_hash: str,
-        signatures: Sequence[dict[str, Any]],
-    ) -> None:
-        """One round trip: the grant updates, the records, the head hash and COMMIT."""
+    def write_and_commit(self, params: dict[str, Any]) -> None:
+        """One round trip: `_WRITE_BATCH` and COMMIT."""
         with self.conn.pipeline(), self.conn.cursor() as cur:
-            if grant_updates:
-                cur.executemany(_pyformat(_ADD_USED), grant_updates)
-            cur.executemany(_pyformat(_INSERT_OPERATION), operations)
-            cur.executemany(_pyformat(_INSERT_EVENT), events)
-            cur.execute(_pyformat(_SET_HEAD_HASH), {"hash": head_hash})
-            if signatures:
-                cur.executemany(_pyformat(_STORE_SIGNATURE), signatures)
+            cur.execute(_pyformat(_WRITE_BATCH), params)
             self.conn.commit()
 
     def commit(self) -> None:
@@ -396,29 +420,24 @@ def _prefetch(db: PostgresDatabase, calls: Sequence[SignCall], now: datetime) ->
     """Phase 1's token and signer reads for every call of the batch, in one round trip."""
     ahead = _BatchReads(db)
     hashes = {call.token: hash_token(call.token) for call in calls if call.token and token_shaped(call.token)}
-    callers = [{"token_hash": digest} for digest in set(hashes.values())]
-    signers = [
-        {"signer_id": signer_id, "token_hash": digest, "now": db.time(now)}
+    wanted = [
+        {"signer_id": signer_id, "token_hash": digest, "now": now}
         for signer_id, digest in {
             (call.signer_id, hashes[call.token]) for call in calls if call.token in hashes
         }
     ]
-    if not callers:
+    if len(wanted) == 1:
+        answers = [db.rows(_CALLER_AND_SIGNER, wanted[0])]
+    elif wanted:
+        answers = db.rows_pipelined([(_CALLER_AND_SIGNER, wanted)])[0]
+    else:
         return ahead
-    caller_rows, signer_rows = db.rows_pipelined([(_CALLER, callers), (_SIGNER_BY_TOKEN, signers)])
-    identities: dict[str, str] = {}
-    for params, rows in zip(callers, caller_rows, strict=True):
-        ahead.remember(_CALLER, params, rows)
+    for params, rows in zip(wanted, answers, strict=True):
+        ahead.remember(_CALLER, {"token_hash": params["token_hash"]}, [row[:6] for row in rows])
         if rows:
-            identities[params["token_hash"]] = rows[0][4]
-    for params, rows in zip(signers, signer_rows, strict=True):
-        identity = identities.get(params["token_hash"])
-        if identity is not None:
-            ahead.remember(
-                _SIGNER,
-                {"signer_id": params["signer_id"], "identity_id": identity, "now": params["now"]},
-                rows,
-            )
+            signer = [rows[0][6:]] if rows[0][6] is not None else []
+            key = {"signer_id": params["signer_id"], "identity_id": rows[0][4], "now": db.time(now)}
+            ahead.remember(_SIGNER, key, signer)
     return ahead
 
 
@@ -654,11 +673,11 @@ def _settle(members: list[_Attempt], taken: list[tuple[str, str]], pinned: str |
             attempt.status, attempt.grant_id, attempt.request_id = "denied", pinned, None
 
 
-def _operation_rows(attempts: Sequence[_Attempt], at: Any) -> list[dict[str, Any]]:
+def _operation_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
+    """The signing-operation records, but their time; client metadata as the caller's value."""
     return [
         {
             "id": a.operation_id,
-            "at": at,
             "signer_id": a.key.signer_id,
             "actor_id": a.actor.id or "system",
             "status": a.status,
@@ -666,7 +685,7 @@ def _operation_rows(attempts: Sequence[_Attempt], at: Any) -> list[dict[str, Any
             "data_sha256": a.data_sha256,
             "grant_id": a.grant_id,
             "request_id": a.request_id,
-            "client_metadata": None if a.call.client_metadata is None else json.dumps(a.call.client_metadata),
+            "client_metadata": a.call.client_metadata,
             "ip_address": a.actor.ip_address,
             "error": None if a.refusal is None else a.refusal.description,
         }
@@ -675,13 +694,14 @@ def _operation_rows(attempts: Sequence[_Attempt], at: Any) -> list[dict[str, Any
 
 
 def _event_rows(
-    db: Database, attempts: Sequence[_Attempt], head_seq: int, head_hash: str
-) -> tuple[list[dict[str, Any]], str]:
+    attempts: Sequence[_Attempt], head_seq: int, head_hash: str
+) -> tuple[list[dict[str, Any]], str, datetime]:
     """One audit event per attempt, chained in order after the head (already advanced by
-    len(attempts)); the rows and the new head hash."""
+    len(attempts)): the rows (data as a JSON value, no time), the new head hash and the
+    events' time."""
     seq, prev_hash = head_seq - len(attempts), head_hash
     at = utcnow()
-    at_text, at_db = rfc3339(at), db.time(at)
+    at_text = rfc3339(at)
     events = []
     for attempt in attempts:
         seq += 1
@@ -719,20 +739,23 @@ def _event_rows(
             {
                 "id": event_id,
                 "seq": seq,
-                "at": at_db,
                 "actor_id": attempt.actor.id,
                 "actor_name": attempt.actor.name,
                 "action": action,
                 "entity_id": attempt.operation_id,
                 "request_id": attempt.request_id,
-                "data": json.dumps(payload),
+                "data": payload,
                 "ip_address": attempt.actor.ip_address,
                 "prev_hash": prev_hash,
                 "hash": digest,
             }
         )
         prev_hash = digest
-    return events, prev_hash
+    return events, prev_hash, at
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _signature_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
@@ -755,11 +778,20 @@ def _write(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
     at = db.time(now)
     for (signer_id, identity_id, pinned), members in _grant_groups(attempts).items():
         _settle(members, _take(db, signer_id, identity_id, pinned, len(members), at), pinned)
-    db.execute_many(_INSERT_OPERATION, _operation_rows(attempts, at))
+    db.execute_many(
+        _INSERT_OPERATION,
+        [
+            {**row, "at": at, "client_metadata": _json_or_none(row["client_metadata"])}
+            for row in _operation_rows(attempts)
+        ],
+    )
     # The audit head is the last lock taken.
     head = db.rows(_ADVANCE_HEAD, {"count": len(attempts)})[0]
-    events, last_hash = _event_rows(db, attempts, int(head[0]), str(head[1]))
-    db.execute_many(_INSERT_EVENT, events)
+    events, last_hash, events_at = _event_rows(attempts, int(head[0]), str(head[1]))
+    at_text = db.time(events_at)
+    db.execute_many(
+        _INSERT_EVENT, [{**row, "at": at_text, "data": json.dumps(row["data"])} for row in events]
+    )
     db.execute(_SET_HEAD_HASH, {"hash": last_hash})
     for row in _signature_rows(attempts):
         db.execute(_STORE_SIGNATURE, row)
@@ -795,35 +827,51 @@ def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
 def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: datetime) -> None:
     """Phase 2 on PostgreSQL in two round trips, COMMIT included.
 
-    1. The batch lock, every usable grant of each group read FOR UPDATE (in the order they are
-       spent, so concurrent writers lock them in one order; a row that stopped matching while
-       we waited is left out), and the audit head advanced for every attempt, last.
-    2. The operations taken from the locked grants (computed from what they had left, which no
-       one else can change now), the operation records, the chained audit events, the head
-       hash and COMMIT.
+    1. Every usable grant of each group read FOR UPDATE (groups in a fixed order, grants in the
+       order they are spent, so concurrent batches lock them in one order; a row that stopped
+       matching while we waited is left out), and the audit head advanced for every attempt,
+       last. From here on no one else can change what those grants have left.
+    2. `_WRITE_BATCH`: the operations taken, the records, the chained events, the head hash;
+       and COMMIT.
 
     Only after COMMIT answers does any caller get an answer.
     """
-    groups = _grant_groups(attempts)
+    groups = dict(
+        sorted(_grant_groups(attempts).items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or ""))
+    )
     params = [
         {"signer_id": signer_id, "identity_id": identity_id, "now": now, "grant_id": pinned}
         for signer_id, identity_id, pinned in groups
     ]
     try:
         locked, head = db.lock_and_advance(params, len(attempts))
-        updates: list[dict[str, Any]] = []
+        had: dict[str, int] = {}  # what each locked grant had left
+        left: dict[str, int] = {}  # and has left as this batch spends it, group after group
         for ((_, _, pinned), members), candidates in zip(groups.items(), locked, strict=True):
             taken: list[tuple[str, str]] = []
-            for grant_id, request_id, left in candidates:
-                take = min(int(left), len(members) - len(taken))
-                if take <= 0:
-                    break
-                updates.append({"grant_id": grant_id, "take": take})
-                taken += [(str(grant_id), str(request_id))] * take
+            for grant_id, request_id, available in candidates:
+                if grant_id not in left:
+                    had[grant_id] = left[grant_id] = int(available)
+                take = min(left[grant_id], len(members) - len(taken))
+                if take > 0:
+                    left[grant_id] -= take
+                    taken += [(str(grant_id), str(request_id))] * take
             _settle(members, taken, pinned)
-        events, last_hash = _event_rows(db, attempts, int(head[0]), str(head[1]))
+        events, last_hash, events_at = _event_rows(attempts, int(head[0]), str(head[1]))
+        takes = {grant_id: had[grant_id] - n for grant_id, n in left.items() if had[grant_id] > n}
+        batch = {
+            "grants": [{"id": grant_id, "take": n} for grant_id, n in takes.items()],
+            "operations": _operation_rows(attempts),
+            "events": events,
+            "signatures": _signature_rows(attempts),
+        }
         db.write_and_commit(
-            updates, _operation_rows(attempts, now), events, last_hash, _signature_rows(attempts)
+            {
+                "batch": json.dumps(batch, separators=(",", ":")),
+                "operation_at": now,
+                "event_at": events_at,
+                "head_hash": last_hash,
+            }
         )
     except BaseException:
         db.rollback()
@@ -849,9 +897,7 @@ def run_batch(
     attempts: list[_Attempt] = []
     try:
         reads: Database = (
-            _prefetch(db, calls, now)
-            if isinstance(db, PostgresDatabase) and len(calls) > 1
-            else cast(Database, _BatchReads(db))
+            _prefetch(db, calls, now) if isinstance(db, PostgresDatabase) else cast(Database, _BatchReads(db))
         )
         for index, call in enumerate(calls):
             try:
@@ -956,7 +1002,7 @@ class SignBatcher:
             self._in_flight -= 1
             return
         calls = [call for call, _ in batch]
-        if self._cheap(calls) and self._in_flight == 1:
+        if self._cheap(calls):
             done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
             try:
                 done.set_result(self._run(calls))

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -88,6 +89,40 @@ async def test_fifty_calls_in_one_batch_spend_exactly_the_grant(api: Api, app: A
     report = chain_report(engine)
     assert report.valid, report
     assert events[0] == 50 and report.head_seq >= before.head_seq + 50
+
+
+async def test_a_batch_spends_grants_in_order_and_pinned_calls_share_what_is_left(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """One batch, one caller, two grants: calls take the grant that ends first, then the next;
+    calls pinned to a grant see what the unpinned calls of the same batch left of it."""
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    first = insert_grant(
+        engine, signer_id=signer["id"], identity_id=member.id, operations=3, valid_for=timedelta(minutes=30)
+    )
+    second = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=4)
+    calls = [call(member, signer["id"]) for _ in range(5)]
+    calls += [call(member, signer["id"], grant_id=second) for _ in range(3)]
+
+    db = open_database(engine)
+    try:
+        outcomes = run_batch(db, app.state.ctx.key_store, calls)
+    finally:
+        db.close()
+
+    granted = [o.grant_id if isinstance(o, SignResult) else type(o).__name__ for o in outcomes]
+    # 3 from the first grant, 2 from the second; the pinned calls find 2 left of its 4.
+    assert granted == [first] * 3 + [second] * 4 + ["ApprovalRequired"]
+    with Session(engine) as session:
+        used = {g: session.get(Grant, g) for g in (first, second)}
+        assert {g: (x.used_sign_operations, x.status) for g, x in used.items() if x} == {
+            first: (3, "exhausted"),
+            second: (4, "exhausted"),
+        }
+    denied = [op for op in operations_of(engine, signer["id"]) if op.status == "denied"]
+    assert [op.grant_id for op in denied] == [second]
+    assert chain_report(engine).valid
 
 
 async def test_a_mixed_batch_answers_each_call_on_its_own(api: Api, app: Any, engine: Engine) -> None:
