@@ -58,9 +58,15 @@ class RequestActivities:
         """The workflow's opening write, then (if asked) its pre-approval claim: one activity,
         two transactions. The request is committed before the claim reads pre-approvals, so a
         pre-approval committed after that read finds the request open when it looks for
-        waiting requests to release (see api/routes/pre_approvals.py)."""
+        waiting requests to release (see api/routes/pre_approvals.py).
+
+        A note already recorded for the request is not recorded again: the API records the
+        `opened` event with the row it inserts (version 0), the workflow's opening write
+        records it only when the API's write did not happen (first, or at all)."""
         with session_scope(self.engine) as session:
-            _persist(session, input.persist)
+            state = input.persist.state
+            if _store(session, _locked_row(session, state.id), state):
+                _record_notes(session, state.id, _not_yet_recorded(session, state.id, input.persist.notes))
             if input.claim is None:
                 return None
             session.commit()
@@ -433,6 +439,20 @@ def _naming_grant(note: AuditNote, grant_id: str) -> AuditNote:
     if "grantId" in note.data and note.data["grantId"] != grant_id:
         return note.model_copy(update={"data": {**note.data, "grantId": grant_id}})
     return note
+
+
+def _not_yet_recorded(session: Any, request_id: str, notes: list[AuditNote]) -> list[AuditNote]:
+    if not notes:
+        return notes
+    recorded = set(
+        session.execute(
+            select(AuditEvent.action).where(  # type: ignore[call-overload]
+                AuditEvent.request_id == request_id,
+                AuditEvent.action.in_([n.action for n in notes]),  # type: ignore[attr-defined]
+            )
+        ).scalars()
+    )
+    return [n for n in notes if n.action not in recorded]
 
 
 def _record_notes(session: Any, request_id: str, notes: list[AuditNote]) -> None:

@@ -111,6 +111,26 @@ class SigningRequestInput(BaseModel):
 
     request: RequestState
     policy: PolicySnapshot | None
+    # False when the API found no active pre-approval for this signer and requester: the
+    # workflow then leaves its opening write and claim for later (see the workflow's
+    # deferred-opening patch); a pre-approval made meanwhile releases the request by signal.
+    pre_approval_possible: bool = True
+
+
+def opened_note(request: RequestState) -> AuditNote:
+    """The `signing_request.opened` event, recorded with the request's first row."""
+    return AuditNote(
+        action="signing_request.opened",
+        actor_id=request.requester_id,
+        actor_name=request.requester_name,
+        data={
+            "signerId": request.signer_id,
+            "signerName": request.signer_name,
+            "signingPolicyId": request.signing_policy_id,
+            "originalRequestId": request.original_request_id,
+            "artifact": request.artifact.model_dump() if request.artifact else None,
+        },
+    )
 
 
 class DecisionInput(BaseModel):

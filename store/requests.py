@@ -16,7 +16,7 @@ from core.schemas import Artifact, PolicySnapshot, RequestState, SigningRequestI
 from core.temporal import workflow_id_for
 from core.timeutil import as_utc, utcnow
 from store.identities import Principal
-from store.models import Certificate, Signer, SigningPolicy, SigningRequest
+from store.models import Certificate, PreApproval, Signer, SigningPolicy, SigningRequest
 from store.policies import snapshot
 from store.signers import membership
 
@@ -167,4 +167,29 @@ def build_request(
         created_at=now,
         expires_at=now + timedelta(seconds=ttl),
     )
-    return SigningRequestInput(request=state, policy=policy)
+    return SigningRequestInput(
+        request=state,
+        policy=policy,
+        pre_approval_possible=pre_approval_in_sight(session, signer.id, principal.identity_id, now)
+        is not None,
+    )
+
+
+def pre_approval_in_sight(
+    session: Session, signer_id: str, identity_id: str, now: datetime | None = None
+) -> tuple[str, datetime] | None:
+    """A pre-approval that could serve a request of this identity on this signer, now or once
+    it starts (the soonest to start): one indexed look-up; the workflow's claim does the exact
+    match (address, executable)."""
+    found = session.execute(
+        select(PreApproval.id, PreApproval.not_before)  # type: ignore[call-overload]
+        .where(
+            PreApproval.signer_id == signer_id,
+            PreApproval.identity_id == identity_id,
+            PreApproval.status == "active",
+            PreApproval.expires_at > (now or utcnow()),
+        )
+        .order_by(PreApproval.not_before)
+        .limit(1)
+    ).first()
+    return (str(found[0]), as_utc(found[1])) if found is not None else None

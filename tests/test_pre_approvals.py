@@ -477,6 +477,8 @@ async def test_a_pre_approval_made_right_after_the_opening_claim_missed_it_relea
     import activities.requests as request_activities
 
     s = await _setup(api)
+    # One that does not match (another address) makes the workflow claim at once.
+    await _pre_approve(api, s, ipAddress=OTHER_IP)
     loop = asyncio.get_running_loop()
     made: dict[str, Any] = {}
     claim = request_activities._claim_pre_approval
@@ -540,3 +542,36 @@ async def test_a_retried_opening_writes_once_and_claims_once(api: Api, engine: E
             ).scalars()
         )
     assert actions == ["signing_request.opened", "pre_approval.used"]
+
+
+async def test_a_pre_approval_made_while_the_api_opens_a_request_releases_it(
+    api: Api, engine: Engine, monkeypatch: Any
+) -> None:
+    """With no pre-approval in sight when the request is built, its workflow does not claim at
+    once. One made after that look but before the request's row is committed (so the
+    pre-approval's own search for waiting requests cannot see it) is found by the API's second
+    look, after the row is committed, and released by signal."""
+    import activities.requests as request_activities
+
+    s = await _setup(api)
+    loop = asyncio.get_running_loop()
+    made: dict[str, Any] = {}
+    persist = request_activities.persist_request_state
+
+    def pre_approve_then_persist(engine: Any, input: Any) -> bool:
+        if input.state.requester_id == s.requester.id and input.state.version == 0 and not made:
+            made.update(
+                asyncio.run_coroutine_threadsafe(_pre_approve(api, s, singleUse=True), loop).result(10)
+            )
+        return persist(engine, input)
+
+    monkeypatch.setattr(request_activities, "persist_request_state", pre_approve_then_persist)
+    req = await api.open_request(s.requester, s.signer["id"])
+    assert made
+
+    async def approved() -> bool:
+        r = await api.call("GET", f"/pki/signing-requests/{req['id']}", s.requester, expect=200)
+        return bool(r.json()["status"] == "approved")
+
+    await assert_eventually(approved)
+    await _approved_by(api, s, req["id"], made["id"])

@@ -6,7 +6,9 @@ such a change goes behind `workflow.patched(...)`. To add histories of new shape
 `<CURRENT_SHAPE>-<case>.json`; bump CURRENT_SHAPE with each patch so older shapes keep theirs.
 Shapes committed: `v1-regular-activities-*` (activities through the task queue), unprefixed
 (local activities, one per write), `v3-one-transaction-*` (opening write and claim in one
-activity, an approval's notes, grant and approved state in one activity and transaction).
+activity, an approval's notes, grant and approved state in one activity and transaction),
+`v4-deferred-opening-*` (no opening activity when the API saw no pre-approval; the opening
+write an hour later: `-fired`, recorded by tests/test_workflow_durability.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tests.conftest import Api
 from workflows.signing_request import SigningRequestWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-CURRENT_SHAPE = "v3-one-transaction"
+CURRENT_SHAPE = "v4-deferred-opening"
 
 
 def _history_files() -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -295,3 +296,59 @@ def test_record_approval_completes_an_approval_the_older_sequence_left_half_done
         "grant.issued",
         "signing_request.approved",
     ]
+
+
+async def test_deferred_opening_writes_the_request_an_api_lost_before_writing_it(
+    skipping_env, engine, app
+) -> None:
+    """The API found no pre-approval, so the workflow's first task does nothing; had the API
+    died before writing the request, the workflow writes it (with its opened event) an hour
+    later, still open and still decidable."""
+    from core.schemas import DecisionInput
+
+    task_queue = f"tq-{uuid.uuid4()}"
+    acts = RequestActivities(engine, app.state.ctx.key_store)
+    # Long enough to outlast the time another test in this module has skipped already.
+    wf_input = _input(timedelta(days=30), ["approver-1"]).model_copy(update={"pre_approval_possible": False})
+    async with _worker(skipping_env.client, acts, task_queue):
+        handle = await skipping_env.client.start_workflow(
+            SigningRequestWorkflow.run, wf_input, id=wf_input.request.workflow_id, task_queue=task_queue
+        )
+        await skipping_env.sleep(timedelta(minutes=30))
+        with session_scope(engine) as session:
+            assert session.get(SigningRequest, wf_input.request.id) is None
+        await skipping_env.sleep(timedelta(minutes=31))
+        with session_scope(engine) as session:
+            row = session.get(SigningRequest, wf_input.request.id)
+            assert row is not None
+            assert (row.status, row.version) == ("open", 1)
+        assert _request_actions(engine, wf_input.request.id) == ["signing_request.opened"]
+        state = await handle.execute_update(
+            SigningRequestWorkflow.approve, DecisionInput(actor_id="approver-1", actor_name="approver")
+        )
+        assert state.status == "approved"
+        await handle.result()
+        await _record_and_replay(handle, "v4-deferred-opening-fired")
+    assert _request_actions(engine, wf_input.request.id) == [
+        "signing_request.opened",
+        "signing_request.approval",
+        "signing_request.step_completed",
+        "grant.issued",
+        "signing_request.approved",
+    ]
+
+
+async def _record_and_replay(handle: Any, name: str) -> None:
+    """Replay the finished workflow's history; with SIGNGATE_RECORD_HISTORIES set, also store it
+    among the committed histories (see tests/test_replay.py)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from temporalio.worker import Replayer
+
+    history = await handle.fetch_history()
+    if os.environ.get("SIGNGATE_RECORD_HISTORIES"):
+        target = Path(__file__).parent / "histories" / f"{name}.json"
+        target.write_text(json.dumps(history.to_json_dict(), indent=1))
+    await Replayer(workflows=[SigningRequestWorkflow], data_converter=DATA_CONVERTER).replay_workflow(history)

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         SignArtifactInput,
         SignArtifactOutcome,
         SigningRequestInput,
+        opened_note,
     )
     from core.temporal import (
         REQUESTER_NAME,
@@ -47,6 +48,9 @@ LOCAL_ACTIVITIES_PATCH = "local-activities"
 # The opening write and its pre-approval claim as one activity; an approval's writes (notes,
 # grant, approved state) as one activity and one transaction.
 ONE_TRANSACTION_PATCH = "one-transaction-transitions"
+# Without a pre-approval in sight at creation, the opening write and claim wait (see run).
+DEFERRED_OPENING_PATCH = "deferred-opening"
+DEFERRED_OPENING_DELAY = timedelta(hours=1)
 REQUEST_NOT_OPEN = "RequestNotOpen"
 
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
@@ -69,6 +73,7 @@ class SigningRequestWorkflow:
         self._wake_changed = False
         self._persist_lock = asyncio.Lock()
         self._opened = False
+        self._opening_due: datetime | None = None
         if self._request.steps and self._request.current_step is None:
             self._request.current_step = 0
             self._request.steps[0].status = "in-progress"
@@ -98,6 +103,18 @@ class SigningRequestWorkflow:
         )
         if workflow.patched(ONE_TRANSACTION_PATCH):
             may_claim = bool(request.steps) and not machine_bypass
+            if may_claim and not input.pre_approval_possible and workflow.patched(DEFERRED_OPENING_PATCH):
+                # The API writes the request (version 0, with its opened event) before it
+                # answers, found no pre-approval for it, and looks again once the row is
+                # committed (signalling this workflow if one appeared meanwhile): nothing for the
+                # first workflow task to do, so an approval sent right away is not held up by
+                # it. The opening write and claim still run if the request is open an hour
+                # later, for the case of an API lost between starting this and answering.
+                self._opened = True
+                self._opening_due = min(workflow.now() + DEFERRED_OPENING_DELAY, request.expires_at)
+                await self._wait_for_decision()
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return self._request
             claimed = await self._open(input.request, opened, claim=may_claim)
             if not request.steps:
                 await self._approve_without_steps(None, "no approval steps")
@@ -129,6 +146,9 @@ class SigningRequestWorkflow:
             if self._pre_approval_wake_at is not None:
                 # A pre-approval that starts later releases this request when it starts.
                 timeout = min(remaining, max((self._pre_approval_wake_at - now).total_seconds(), 0.001))
+            if self._opening_due is not None:
+                opening_in = max((self._opening_due - now).total_seconds(), 0.001)
+                timeout = opening_in if timeout is None else min(timeout, opening_in)
             self._wake_changed = False
             try:
                 await workflow.wait_condition(
@@ -136,6 +156,13 @@ class SigningRequestWorkflow:
                     timeout=timeout if not self._granting else None,
                 )
             except TimeoutError:
+                due = self._opening_due
+                if due is not None and workflow.now() >= due:
+                    self._opening_due = None
+                    if request.status == "open" and not self._granting:
+                        claim = workflow.now() < request.expires_at
+                        await self._use_claim(await self._open(request, [opened_note(request)], claim=claim))
+                    continue
                 wake_at = self._pre_approval_wake_at
                 if wake_at is not None and workflow.now() >= wake_at:
                     self._pre_approval_wake_at = None
@@ -487,8 +514,9 @@ class SigningRequestWorkflow:
         )
 
     async def _open(self, opening: RequestState, notes: list[AuditNote], *, claim: bool) -> str | None:
-        """The opening write (the request as it was opened) and, with `claim`, the pre-approval
-        claim: one activity. Every later write waits for it (`_after_opening`)."""
+        """The opening write (the request as it was opened, or as it is now when deferred) and,
+        with `claim`, the pre-approval claim: one activity. Unless deferred, every later write
+        waits for it (`_after_opening`)."""
         async with self._persist_lock:
             self._request.version += 1
             claim = claim and self._request.status == "open" and not self._granting
@@ -496,7 +524,8 @@ class SigningRequestWorkflow:
                 "open_request",
                 OpenRequestInput(
                     persist=PersistRequestInput(
-                        state=opening.model_copy(update={"version": self._request.version}), notes=notes
+                        state=opening.model_copy(deep=True, update={"version": self._request.version}),
+                        notes=notes,
                     ),
                     claim=self._claim_input() if claim else None,
                 ),

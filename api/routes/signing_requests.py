@@ -209,7 +209,7 @@ async def _open(
 ) -> tuple[RequestPublic, bool]:
     """Open a request; the flag is False when an Idempotency-Key replay found it already open."""
     from activities.requests import persist_request_state
-    from core.schemas import PersistRequestInput
+    from core.schemas import PersistRequestInput, opened_note
 
     request_id = (
         str(uuid.uuid5(uuid.NAMESPACE_URL, f"signgate:{principal.identity_id}:{idempotency_key}"))
@@ -236,10 +236,35 @@ async def _open(
     await start_request(temporal, ctx.settings.task_queue, workflow_input)
     SIGNING_REQUESTS_OPENED.inc()
     # The workflow records the request too; writing version 0 here makes it listable at once.
+    # Whichever write inserts the row records the `opened` event with it.
     await run_in_threadpool(
-        persist_request_state, ctx.engine, PersistRequestInput(state=workflow_input.request)
+        persist_request_state,
+        ctx.engine,
+        PersistRequestInput(state=workflow_input.request, notes=[opened_note(workflow_input.request)]),
     )
+    if not workflow_input.pre_approval_possible:
+        await _release_if_pre_approved(ctx, temporal, workflow_input.request)
     return public(workflow_input.request, []), True
+
+
+async def _release_if_pre_approved(ctx: Any, temporal: Any, state: RequestState) -> None:
+    """The workflow was told no pre-approval existed, so it does not claim one at once. One
+    made since is looked for again now that the request is committed (one made later finds the
+    request when it looks for waiting ones), and signalled like those."""
+    from api.temporal_calls import signal_pre_approval
+    from store.requests import pre_approval_in_sight
+
+    def look() -> tuple[str, datetime] | None:
+        with session_scope(ctx.engine) as session:
+            return pre_approval_in_sight(session, state.signer_id, state.requester_id)
+
+    found = await run_in_threadpool(look)
+    if found is not None:
+        try:
+            await signal_pre_approval(temporal, state.workflow_id, found[0], found[1])
+        except SigngateError as exc:
+            # The workflow's own deferred claim still finds it, later.
+            log.warning("could not signal %s of a new pre-approval: %s", state.workflow_id, exc)
 
 
 @router.post("/pki/signing-requests", status_code=201, response_model=RequestPublic)
