@@ -61,6 +61,7 @@ def build_worker(client: Client, settings: Settings, engine: Engine, key_store: 
         # Requests wait for days; keeping every one cached costs ~200 KB each. A request that
         # falls out of the cache is replayed from its history when it is next decided.
         max_cached_workflows=200,
+        nonsticky_to_sticky_poll_ratio=1.0,
         # Activities are short database writes: let running ones finish on shutdown.
         graceful_shutdown_timeout=timedelta(seconds=10),
     )
