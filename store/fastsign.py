@@ -242,8 +242,23 @@ class SqliteDatabase:
     def execute_many(self, sql: str, params: Sequence[dict[str, Any]]) -> None:
         self.conn.executemany(sql, params)
 
+    def try_lock(self) -> bool:
+        """Take the writers' lock now if it is free (the next write transaction then keeps it)."""
+        if self._lock_fd is None or self._locked:
+            return True
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._locked = True
+        return True
+
+    def unlock(self) -> None:
+        """Let go of the writers' lock, if held (a batch that wrote nothing may still hold it)."""
+        self._unlock()
+
     def begin_write(self) -> None:
-        if self._lock_fd is not None:
+        if self._lock_fd is not None and not self._locked:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             self._locked = True
         try:
@@ -988,12 +1003,21 @@ class SignBatcher:
         self._pending.append((call, future))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
-            # Scheduled, not started: the other calls of this loop turn join the batch.
-            loop.call_soon(self._start, loop)
+            # Started two loop turns later: the calls read from the sockets meanwhile join the batch.
+            loop.call_soon(self._gather, loop, len(self._pending), 0)
         outcome = await future
         if isinstance(outcome, SigngateError):
             raise outcome
         return outcome
+
+    def _gather(self, loop: asyncio.AbstractEventLoop, seen: int, turns: int) -> None:
+        """Wait another loop turn while calls keep arriving (up to a few turns), then start."""
+        if len(self._pending) > seen and turns < 4 and len(self._pending) < self.max_batch:
+            loop.call_soon(self._gather, loop, len(self._pending), turns + 1)
+        elif turns == 0:
+            loop.call_soon(self._start, loop)
+        else:
+            self._start(loop)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run the next batch; the caller has counted it in `_in_flight`."""
@@ -1003,13 +1027,19 @@ class SignBatcher:
             return
         calls = [call for call, _ in batch]
         if self._cheap(calls):
-            done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
-            try:
-                done.set_result(self._run(calls))
-            except Exception as exc:  # handed to the callers, as from a thread
-                done.set_exception(exc)
-            self._finish(loop, batch, done)
-            return
+            db = self._checkout()
+            # Only if no other process is writing: the loop must never wait for the lock.
+            if isinstance(db, SqliteDatabase) and db.try_lock():
+                done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
+                try:
+                    done.set_result(self._run(calls, db))
+                except Exception as exc:  # handed to the callers, as from a thread
+                    done.set_exception(exc)
+                finally:
+                    db.unlock()
+                self._finish(loop, batch, done)
+                return
+            self._checkin(db)
         done = self._executor.submit(self._run, calls)
         done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, loop, batch, f))
 
@@ -1024,24 +1054,34 @@ class SignBatcher:
                 return False
         return True
 
-    def _run(self, calls: list[SignCall]) -> list[Outcome]:
+    def _checkout(self) -> SqliteDatabase | PostgresDatabase:
         with self._lock:
             db = self._idle.pop() if self._idle else None
             if len(self._key_algorithms) > 10_000:
                 self._key_algorithms = {}
-        if db is None:
-            db = open_database(self.engine)
+        return db if db is not None else open_database(self.engine)
+
+    def _checkin(self, db: SqliteDatabase | PostgresDatabase) -> None:
+        with self._lock:
+            if self._closed:
+                _close_quietly(db)
+            else:
+                self._idle.append(db)
+
+    def _run(
+        self, calls: list[SignCall], db: SqliteDatabase | PostgresDatabase | None = None
+    ) -> list[Outcome]:
+        db = db if db is not None else self._checkout()
         try:
             outcomes = run_batch(db, self.key_store, calls, self._key_algorithms)
         except BaseException:
             # After an unexpected failure the connection's state is unknown: drop it.
             _close_quietly(db)
             raise
-        with self._lock:
-            if self._closed:
-                _close_quietly(db)
-            else:
-                self._idle.append(db)
+        finally:
+            if isinstance(db, SqliteDatabase):
+                db.unlock()
+        self._checkin(db)
         return outcomes
 
     def _finish(

@@ -178,9 +178,9 @@ async def test_calls_of_one_loop_turn_share_a_batch(api: Api, app: Any, engine: 
     sizes: list[int] = []
     original = batcher._run
 
-    def counting(calls: list[SignCall]) -> Any:
+    def counting(calls: list[SignCall], *rest: Any) -> Any:
         sizes.append(len(calls))
-        return original(calls)
+        return original(calls, *rest)
 
     batcher._run = counting  # type: ignore[method-assign]
     try:
@@ -206,9 +206,9 @@ async def test_ec_batches_run_on_the_loop_once_the_key_is_known(api: Api, app: A
     threads: list[str] = []
     original = batcher._run
 
-    def recording(calls: list[SignCall]) -> Any:
+    def recording(calls: list[SignCall], *rest: Any) -> Any:
         threads.append(threading.current_thread().name)
-        return original(calls)
+        return original(calls, *rest)
 
     batcher._run = recording  # type: ignore[method-assign]
     try:
