@@ -282,3 +282,33 @@ async def test_an_unexpected_error_on_the_bare_route_is_the_contracts_500(
     )
     assert r.status_code == 500
     assert r.json() == {"error": "internal_error", "error_description": "an internal error occurred"}
+
+
+async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engine: Engine) -> None:
+    """SQLite: while another process holds the writers' lock, an EC batch goes to a thread and
+    the event loop keeps serving; the call completes once the lock is free."""
+    import fcntl
+    import os
+
+    if engine.url.get_backend_name() != "sqlite":
+        return  # PostgreSQL batches always run on threads (checked above)
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    other_writer = os.open(f"{engine.url.database}.sign-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await batcher.sign(call(member, signer["id"]))  # learns the EC key
+        fcntl.flock(other_writer, fcntl.LOCK_EX)
+        pending = asyncio.ensure_future(batcher.sign(call(member, signer["id"])))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the call waits for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20 and not pending.done()
+        fcntl.flock(other_writer, fcntl.LOCK_UN)
+        result = await asyncio.wait_for(pending, 10)
+        assert isinstance(result, SignResult)
+    finally:
+        os.close(other_writer)
+        batcher.close()
+    assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 2}
