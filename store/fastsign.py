@@ -709,31 +709,27 @@ def _operation_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
 
 
 def _event_rows(
-    attempts: Sequence[_Attempt], head_seq: int, head_hash: str
-) -> tuple[list[dict[str, Any]], str, datetime]:
-    """One audit event per attempt, chained in order after the head (already advanced by
-    len(attempts)): the rows (data as a JSON value, no time), the new head hash and the
-    events' time."""
+    attempts: Sequence[_Attempt], head_seq: int, head_hash: str, at: datetime
+) -> tuple[list[dict[str, Any]], str]:
+    """One audit event per attempt at `at` (the batch's instant, as its operations), chained in
+    order after the head (already advanced by len(attempts)): the rows (data as a JSON value,
+    no time) and the new head hash."""
     seq, prev_hash = head_seq - len(attempts), head_hash
-    at = utcnow()
     at_text = rfc3339(at)
     events = []
     for attempt in attempts:
         seq += 1
         key = attempt.key
-        payload = cast(
-            dict[str, Any],
-            audit.to_json_value(
-                {
-                    "signerId": key.signer_id,
-                    "signerName": key.signer_name,
-                    "grantId": attempt.grant_id,
-                    "signingAlgorithm": attempt.call.signing_algorithm,
-                    "dataSha256": attempt.data_sha256,
-                    "error": None if attempt.refusal is None else attempt.refusal.description,
-                }
-            ),
-        )
+        # Every value is the server's own text (ids, a slug, a constant, a hex digest, an error
+        # description), already as JSON stores it and reads it back.
+        payload: dict[str, Any] = {
+            "signerId": key.signer_id,
+            "signerName": key.signer_name,
+            "grantId": attempt.grant_id,
+            "signingAlgorithm": attempt.call.signing_algorithm,
+            "dataSha256": attempt.data_sha256,
+            "error": None if attempt.refusal is None else attempt.refusal.description,
+        }
         event_id = time_ordered_id()
         action = f"signing_operation.{attempt.status}"
         digest = audit.event_hash(
@@ -766,7 +762,7 @@ def _event_rows(
             }
         )
         prev_hash = digest
-    return events, prev_hash, at
+    return events, prev_hash
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -802,11 +798,8 @@ def _write(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
     )
     # The audit head is the last lock taken.
     head = db.rows(_ADVANCE_HEAD, {"count": len(attempts)})[0]
-    events, last_hash, events_at = _event_rows(attempts, int(head[0]), str(head[1]))
-    at_text = db.time(events_at)
-    db.execute_many(
-        _INSERT_EVENT, [{**row, "at": at_text, "data": json.dumps(row["data"])} for row in events]
-    )
+    events, last_hash = _event_rows(attempts, int(head[0]), str(head[1]), now)
+    db.execute_many(_INSERT_EVENT, [{**row, "at": at, "data": json.dumps(row["data"])} for row in events])
     db.execute(_SET_HEAD_HASH, {"hash": last_hash})
     for row in _signature_rows(attempts):
         db.execute(_STORE_SIGNATURE, row)
@@ -872,7 +865,7 @@ def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: d
                     left[grant_id] -= take
                     taken += [(str(grant_id), str(request_id))] * take
             _settle(members, taken, pinned)
-        events, last_hash, events_at = _event_rows(attempts, int(head[0]), str(head[1]))
+        events, last_hash = _event_rows(attempts, int(head[0]), str(head[1]), now)
         takes = {grant_id: had[grant_id] - n for grant_id, n in left.items() if had[grant_id] > n}
         batch = {
             "grants": [{"id": grant_id, "take": n} for grant_id, n in takes.items()],
@@ -884,7 +877,7 @@ def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: d
             {
                 "batch": json.dumps(batch, separators=(",", ":")),
                 "operation_at": now,
-                "event_at": events_at,
+                "event_at": now,
                 "head_hash": last_hash,
             }
         )
