@@ -8,15 +8,18 @@ A batch runs in two phases on one connection:
 1. Reads, no write lock: each call's token is looked up (so a revoked or expired token fails on
    the very next call, from any process), then its scope, the signer with its certificate and
    the caller's membership, the input, the signer's state and, under a policy, whether a grant
-   could serve it. Calls that pass are signed now, outside the write lock, so the processes of
-   one API never queue behind each other's RSA signatures.
-2. One write transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped advisory
-   lock so batches of several processes queue in order): each signed call consumes one grant
-   operation with a conditional UPDATE (so no grant is ever overspent, whatever runs
-   concurrently) and a call that finds nothing left is denied and its signature discarded;
-   every recorded attempt gets its signing-operation row, then the audit chain is advanced once
-   for the batch, one event per attempt in order. Only after COMMIT does any caller get an
-   answer.
+   could serve it. A token or a signer read for one call of the batch is not read again for
+   the next (they share one instant); on PostgreSQL the caller and the signer come back in one
+   statement. Calls that pass are signed now, outside the write lock, so the processes of one
+   API never queue behind each other's RSA signatures.
+2. One write transaction: the calls for one signer and caller take their grant operations
+   together, from the grant that ends first, then the next (no grant is ever overspent,
+   whatever runs concurrently: SQLite holds its write lock, BEGIN IMMEDIATE; PostgreSQL locks
+   the grants FOR UPDATE in one order); a call that finds nothing left is denied and its
+   signature discarded; every recorded attempt gets its signing-operation row, then the audit
+   chain is advanced once for the batch, one event per attempt in order. On PostgreSQL this is
+   two round trips (the locks and the chain head; then every write in one statement and COMMIT).
+   Only after COMMIT does any caller get an answer.
 
 Refusals that are not the caller's input (disabled signer, no grant, failed signature) are
 recorded as operations; bad input and authentication or membership refusals change nothing.
