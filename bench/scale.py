@@ -61,12 +61,12 @@ async def measure(
             last_report = time.monotonic()
             print(f"    ... {opened} of {count} requests open", flush=True)
     open_seconds = time.monotonic() - t0
-    # Waiting means settled: every workflow has written its first version and the worker is idle.
+    # Waiting means settled: every request is recorded open and the worker is idle (a workflow
+    # whose API saw no pre-approval writes nothing more until it is decided or expires).
     settle_deadline = time.monotonic() + 600
     while time.monotonic() < settle_deadline:
         persisted = stack.db_scalar(
-            f"SELECT count(*) FROM signing_requests WHERE signer_id = '{signer_id}' "
-            "AND status = 'open' AND version >= 1"
+            f"SELECT count(*) FROM signing_requests WHERE signer_id = '{signer_id}' AND status = 'open'"
         )
         if persisted is not None and persisted >= opened:
             break
