@@ -82,20 +82,7 @@ class SigningRequestWorkflow:
     @workflow.run
     async def run(self, input: SigningRequestInput) -> RequestState:
         request = self._request
-        opened = [
-            AuditNote(
-                action="signing_request.opened",
-                actor_id=request.requester_id,
-                actor_name=request.requester_name,
-                data={
-                    "signerId": request.signer_id,
-                    "signerName": request.signer_name,
-                    "signingPolicyId": request.signing_policy_id,
-                    "originalRequestId": request.original_request_id,
-                    "artifact": request.artifact.model_dump() if request.artifact else None,
-                },
-            )
-        ]
+        opened = [opened_note(request)]
         machine_bypass = (
             self._policy is not None
             and self._policy.allow_machine_bypass
