@@ -35,6 +35,11 @@ def error_response(status: int, code: str, description: str) -> JSONResponse:
     )
 
 
+def internal_error_response() -> JSONResponse:
+    """The answer to anything unexpected: nothing about the failure reaches the client."""
+    return error_response(500, "internal_error", "an internal error occurred")
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -66,4 +71,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "an internal error occurred")
+        return internal_error_response()

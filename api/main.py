@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.context import AppContext
-from api.errors import install_error_handlers
+from api.errors import install_error_handlers, internal_error_response
 from core.config import Settings
 from store.db import make_engine
 
@@ -47,11 +47,6 @@ class LazyKeyStore:
         return getattr(self.open(), name)
 
 
-_INTERNAL_ERROR = (
-    b'{"error":"internal_error","error_description":"an internal error occurred"}'
-)
-
-
 class SigngateApp(FastAPI):
     """FastAPI, with a few hot calls served before the middleware stack.
 
@@ -61,15 +56,15 @@ class SigngateApp(FastAPI):
     The FastAPI route of the same path stays registered for the OpenAPI document.
     """
 
-    fast_routes: list[tuple[str, re.Pattern[str], ASGIApp]]
+    fast_routes: tuple[tuple[str, re.Pattern[str], ASGIApp], ...] = ()
 
     def add_fast_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
         pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)))
-        self.fast_routes = [*getattr(self, "fast_routes", []), (method, pattern, endpoint)]
+        self.fast_routes = (*self.fast_routes, (method, pattern, endpoint))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for method, pattern, endpoint in getattr(self, "fast_routes", ()):
+            for method, pattern, endpoint in self.fast_routes:
                 if scope["method"] != method:
                     continue
                 path: str = scope["path"]
@@ -99,12 +94,7 @@ async def _guarded(endpoint: ASGIApp, scope: Scope, receive: Receive, send: Send
         log.exception("unexpected error on %s %s", scope["method"], scope["path"])
         if started:
             raise
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(_INTERNAL_ERROR)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 500, "headers": headers})
-        await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
+        await internal_error_response()(scope, receive, send)
 
 
 def create_app(
