@@ -81,11 +81,9 @@ _UNAUTHORIZED = "a valid bearer token is required"
 
 # ------------------------------------------------------------------------------------- SQL
 
-_CALLER = """
-SELECT t.token_hash, t.scopes, t.expires_at, t.revoked_at, i.id, i.name
-FROM api_tokens t JOIN identities i ON i.id = t.identity_id
-WHERE t.token_hash = :token_hash
-"""
+_CALLER_COLUMNS = "t.token_hash, t.scopes, t.expires_at, t.revoked_at, i.id, i.name"
+_CALLER_FROM = "FROM api_tokens t JOIN identities i ON i.id = t.identity_id"
+_CALLER = f"SELECT {_CALLER_COLUMNS} {_CALLER_FROM} WHERE t.token_hash = :token_hash"
 _USABLE_GRANT = """
 signer_id = :signer_id AND identity_id = :identity_id AND status = 'active'
 AND valid_from <= :now AND valid_until > :now AND used_sign_operations < allowed_sign_operations
@@ -93,25 +91,27 @@ AND valid_from <= :now AND valid_until > :now AND used_sign_operations < allowed
 _GRANT_CANDIDATE = f"SELECT id FROM grants WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1"  # noqa: S608
 # The signer, its certificate, the caller's membership and whether a grant could serve the call,
 # in one round trip.
-_SIGNER = f"""
-SELECT s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algorithm,
-       c.sealed_key, c.not_before, c.not_after,
-       (SELECT 1 FROM signer_members m WHERE m.signer_id = s.id AND m.identity_id = :identity_id),
-       ({_GRANT_CANDIDATE})
-FROM signers s JOIN certificates c ON c.id = s.certificate_id
-WHERE s.id = :signer_id
+_SIGNER_COLUMNS = f"""
+s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algorithm,
+c.sealed_key, c.not_before, c.not_after,
+(SELECT 1 FROM signer_members m WHERE m.signer_id = s.id AND m.identity_id = :identity_id),
+({_GRANT_CANDIDATE})
 """  # noqa: S608
+_SIGNER_FROM = "signers s JOIN certificates c ON c.id = s.certificate_id"
+_SIGNER = f"SELECT {_SIGNER_COLUMNS} FROM {_SIGNER_FROM} WHERE s.id = :signer_id"  # noqa: S608
+# PostgreSQL: both of the above in one statement, the caller of the token standing in for
+# :identity_id (the signer's columns are NULL when there is no such signer).
+_CALLER_AND_SIGNER = f"""
+SELECT {_CALLER_COLUMNS}, {_SIGNER_COLUMNS.replace(":identity_id", "i.id")}
+{_CALLER_FROM} LEFT JOIN ({_SIGNER_FROM}) ON s.id = :signer_id
+WHERE t.token_hash = :token_hash
+"""
 # Grouped consumption (`_take`): the calls of one batch for the same signer and caller take
 # their operations together, one grant at a time, read with what it has left, then updated
 # under the same conditions plus "enough left".
-_CANDIDATE_LEFT = f"""
-SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants
-WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1
-"""  # noqa: S608
-_PINNED_LEFT = f"""
-SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants
-WHERE id = :grant_id AND {_USABLE_GRANT}
-"""  # noqa: S608
+_GRANT_LEFT = "SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants"
+_CANDIDATE_LEFT = f"{_GRANT_LEFT} WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1"
+_PINNED_LEFT = f"{_GRANT_LEFT} WHERE id = :grant_id AND {_USABLE_GRANT}"
 _TAKE = f"""
 UPDATE grants SET used_sign_operations = used_sign_operations + :take,
     status = CASE WHEN used_sign_operations + :take >= allowed_sign_operations THEN 'exhausted' ELSE status END
@@ -119,10 +119,7 @@ WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= all
 RETURNING id
 """  # noqa: S608
 # PostgreSQL (`_commit_pipelined`): every usable grant of a group, locked in the order spent.
-_LOCK_CANDIDATES = f"""
-SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants
-WHERE {_USABLE_GRANT} ORDER BY valid_until, id FOR UPDATE
-"""  # noqa: S608
+_LOCK_CANDIDATES = f"{_GRANT_LEFT} WHERE {_USABLE_GRANT} ORDER BY valid_until, id FOR UPDATE"
 _LOCK_PINNED = f"{_PINNED_LEFT} FOR UPDATE"
 # Then every write of the batch in one statement: the operations taken from the locked grants,
 # the operation records, their audit events, signatures kept on requests and the head hash.
@@ -159,21 +156,6 @@ WITH taken AS (
     RETURNING 1
 )
 UPDATE audit_head SET hash = :head_hash WHERE id = 1
-"""
-# The caller of a token and the signer as `_CALLER` and `_SIGNER` read them, in one statement.
-_CALLER_AND_SIGNER = """
-SELECT t.token_hash, t.scopes, t.expires_at, t.revoked_at, i.id, i.name,
-       s.id, s.name, s.status, s.signing_policy_id, c.id, c.status, c.key_algorithm,
-       c.sealed_key, c.not_before, c.not_after,
-       (SELECT 1 FROM signer_members m WHERE m.signer_id = s.id AND m.identity_id = i.id),
-       (SELECT g.id FROM grants g
-        WHERE g.signer_id = s.id AND g.identity_id = i.id AND g.status = 'active'
-          AND g.valid_from <= :now AND g.valid_until > :now
-          AND g.used_sign_operations < g.allowed_sign_operations
-        LIMIT 1)
-FROM api_tokens t JOIN identities i ON i.id = t.identity_id
-LEFT JOIN (signers s JOIN certificates c ON c.id = s.certificate_id) ON s.id = :signer_id
-WHERE t.token_hash = :token_hash
 """
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
@@ -999,7 +981,7 @@ class SignBatcher:
         self._pending.append((call, future))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
-            # Started two loop turns later: the calls read from the sockets meanwhile join the batch.
+            # Started once calls stop arriving (`_gather`): those read meanwhile join the batch.
             loop.call_soon(self._gather, loop, len(self._pending), 0)
         outcome = await future
         if isinstance(outcome, SigngateError):
@@ -1028,11 +1010,9 @@ class SignBatcher:
             if isinstance(db, SqliteDatabase) and db.try_lock():
                 done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
                 try:
-                    done.set_result(self._run(calls, db))
+                    done.set_result(self._run(calls, db))  # lets go of the lock
                 except Exception as exc:  # handed to the callers, as from a thread
                     done.set_exception(exc)
-                finally:
-                    db.unlock()
                 self._finish(loop, batch, done)
                 return
             self._checkin(db)
