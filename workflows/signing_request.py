@@ -359,12 +359,7 @@ class SigningRequestWorkflow:
             return
         request = self._request
         await self._persist(notes)
-        now = workflow.now()
-        if request.window_fixed:
-            valid_from, valid_until = request.valid_from, request.valid_until
-        else:
-            valid_from = now
-            valid_until = now + timedelta(seconds=request.window_seconds)
+        valid_from, valid_until = self._grant_window()
         issued: IssuedGrant = await self._activity(
             "issue_grant",
             IssueGrantInput(
@@ -381,38 +376,10 @@ class SigningRequestWorkflow:
         request.valid_from = issued.valid_from
         request.valid_until = issued.valid_until
         if request.artifact is not None:
-            outcome: SignArtifactOutcome = await self._activity(
-                "sign_artifact",
-                SignArtifactInput(
-                    request_id=request.id,
-                    grant_id=issued.grant_id,
-                    signer_id=request.signer_id,
-                    identity_id=request.requester_id,
-                    identity_name=request.requester_name,
-                    artifact=request.artifact,
-                    client_metadata=request.client_metadata,
-                    ip_address=request.ip_address,
-                ),
-                result_type=SignArtifactOutcome,
-            )
-            request.signature = outcome.signature
-            request.signing_error = outcome.error
-        request.status = "approved"
-        request.closed_at = workflow.now()
+            await self._sign_artifact(issued.grant_id)
+        self._mark_approved()
         self._granting = False
-        await self._persist(
-            [
-                AuditNote(
-                    action="signing_request.approved",
-                    actor_name="system",
-                    data={
-                        "grantId": request.grant_id,
-                        "signed": request.signature is not None,
-                        "signingError": request.signing_error,
-                    },
-                )
-            ]
-        )
+        await self._persist([self._approved_note()])
 
     async def _grant_and_finish_in_one_transaction(self, notes: list[AuditNote]) -> None:
         """The approval's notes, the grant and (without an artifact) the approved state, written
@@ -420,12 +387,7 @@ class SigningRequestWorkflow:
         each (notes as version n, approved as n + 1) with the same numbers and audit order.
         With an artifact: notes and grant in one, then the signature, then the approved state."""
         request = self._request
-        now = workflow.now()
-        if request.window_fixed:
-            valid_from, valid_until = request.valid_from, request.valid_until
-        else:
-            valid_from = now
-            valid_until = now + timedelta(seconds=request.window_seconds)
+        valid_from, valid_until = self._grant_window()
         grant = IssueGrantInput(
             request_id=request.id,
             signer_id=request.signer_id,
@@ -464,11 +426,28 @@ class SigningRequestWorkflow:
         if request.artifact is None:
             self._granting = False
             return
+        await self._sign_artifact(issued.grant_id)
+        self._mark_approved()
+        self._granting = False
+        await self._persist([self._approved_note()])
+
+    def _grant_window(self) -> tuple[datetime, datetime]:
+        """The grant's window: the request's own when fixed, else from now for its length."""
+        request = self._request
+        if request.window_fixed:
+            return request.valid_from, request.valid_until
+        now = workflow.now()
+        return now, now + timedelta(seconds=request.window_seconds)
+
+    async def _sign_artifact(self, grant_id: str) -> None:
+        """Sign the request's artifact under its grant; the signature or the error lands on the request."""
+        request = self._request
+        assert request.artifact is not None
         outcome: SignArtifactOutcome = await self._activity(
             "sign_artifact",
             SignArtifactInput(
                 request_id=request.id,
-                grant_id=issued.grant_id,
+                grant_id=grant_id,
                 signer_id=request.signer_id,
                 identity_id=request.requester_id,
                 identity_name=request.requester_name,
@@ -480,9 +459,6 @@ class SigningRequestWorkflow:
         )
         request.signature = outcome.signature
         request.signing_error = outcome.error
-        self._mark_approved()
-        self._granting = False
-        await self._persist([self._approved_note()])
 
     def _mark_approved(self) -> None:
         self._request.status = "approved"
