@@ -39,6 +39,16 @@ FAST_DISPATCH = [
     "--dynamic-config-value",
     "matching.numTaskqueueWritePartitions=1",
 ]
+# As `signgate dev` runs the server (cli/dev.py TEMPORAL_SQLITE_PRAGMAS): its db file in WAL
+# mode with synchronous=NORMAL, which survives a crash of the server process (test_crash_recovery
+# kills it); no effect on the in-memory server of the session fixture.
+SQLITE_PRAGMAS = [
+    "--sqlite-pragma",
+    "journal_mode=wal",
+    "--sqlite-pragma",
+    "synchronous=normal",
+]
+DEV_SERVER_ARGS = FAST_DISPATCH + SQLITE_PRAGMAS
 
 
 def db_backend() -> str:
@@ -100,7 +110,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=str(TEMPORAL_BIN),
         data_converter=DATA_CONVERTER,
         search_attributes=SEARCH_ATTRIBUTE_KEYS,
-        dev_server_extra_args=FAST_DISPATCH,
+        dev_server_extra_args=DEV_SERVER_ARGS,
     )
     yield env
     await env.shutdown()

@@ -19,7 +19,7 @@ from temporalio.client import Client
 from api.main import create_app
 from core.config import Settings
 from core.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTE_KEYS
-from tests.conftest import CLIENT_IP, FAST_DISPATCH, TEMPORAL_BIN, Api, assert_eventually
+from tests.conftest import CLIENT_IP, DEV_SERVER_ARGS, TEMPORAL_BIN, Api, assert_eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ class Stack:
             str(self.tmp / "temporal.db"),
             "--log-level",
             "error",
-            *FAST_DISPATCH,
+            *DEV_SERVER_ARGS,
         ]
         for key in SEARCH_ATTRIBUTE_KEYS:
             args += ["--search-attribute", f"{key.name}=Keyword"]
