@@ -13,7 +13,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, insert, or_, select, update
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -319,14 +319,50 @@ def persist_request_state(engine: Engine, input: PersistRequestInput) -> bool:
 
 def _persist(session: Any, input: PersistRequestInput) -> bool:
     """`persist_request_state` in the caller's transaction."""
-    if not _store(session, _locked_row(session, input.state.id), input.state):
+    state = input.state
+    stored = _locked_version(session, state.id)
+    if stored is None:
+        if not _store(session, None, state):
+            return False
+    elif stored >= state.version:
         return False
-    _record_notes(session, input.state.id, input.notes)
+    else:
+        _update_row(session, state)
+    audit.record_many(session, _note_events(state.id, input.notes))
     return True
 
 
 def _locked_row(session: Any, request_id: str) -> SigningRequest | None:
     return session.get(SigningRequest, request_id, with_for_update=True)  # type: ignore[no-any-return]
+
+
+_REQUESTS = SigningRequest.__table__  # type: ignore[attr-defined]
+_GRANTS = Grant.__table__  # type: ignore[attr-defined]
+
+
+def _locked_version(session: Any, request_id: str) -> int | None:
+    """The stored version of the request, its row locked (PostgreSQL) until the commit; None
+    without a row. Only the version: the writes below replace the row's columns wholesale."""
+    found = session.execute(
+        select(_REQUESTS.c.version).where(_REQUESTS.c.id == request_id).with_for_update()
+    ).first()
+    return int(found[0]) if found is not None else None
+
+
+def _update_row(session: Any, state: RequestState) -> None:
+    """Write `state` over the request's row (locked, and older: see `_locked_version`), the
+    columns `_store` writes, in one UPDATE."""
+    values: dict[str, Any] = {
+        "status": state.status,
+        "version": state.version,
+        "closed_at": state.closed_at,
+        "grant_id": state.grant_id,
+        "pre_approval_id": state.pre_approval_id,
+        "state": state.model_dump(mode="json"),
+    }
+    if state.signature:
+        values["signature"] = state.signature
+    session.execute(update(_REQUESTS).where(_REQUESTS.c.id == state.id).values(**values))
 
 
 def _store(session: Any, row: SigningRequest | None, state: RequestState) -> bool:
@@ -359,13 +395,12 @@ def _issue_grant(session: Any, input: IssueGrantInput, *, record: bool) -> tuple
     activity finds the first attempt's). True when inserted now; its `grant.issued` event is
     recorded here with `record`, else left to the caller (to keep the audit order)."""
     existing = session.execute(
-        select(Grant).where(Grant.request_id == input.request_id)  # type: ignore[arg-type]
+        select(_GRANTS.c.id, _GRANTS.c.valid_from, _GRANTS.c.valid_until).where(
+            _GRANTS.c.request_id == input.request_id
+        )
     ).first()
     if existing is not None:
-        grant = existing[0]
-        return IssuedGrant(
-            grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until
-        ), False
+        return IssuedGrant(grant_id=existing[0], valid_from=existing[1], valid_until=existing[2]), False
     grant = Grant(
         id=input.grant_id or str(uuid.uuid4()),
         request_id=input.request_id,
@@ -375,16 +410,14 @@ def _issue_grant(session: Any, input: IssueGrantInput, *, record: bool) -> tuple
         valid_until=input.valid_until,
         allowed_sign_operations=input.allowed_sign_operations,
     )
-    session.add(grant)
-    session.flush()
+    session.execute(insert(_GRANTS).values(**grant.model_dump()))
     if record:
-        _record_grant_issued(session, grant.id, input)
+        audit.record_many(session, [_grant_issued(grant.id, input)])
     return IssuedGrant(grant_id=grant.id, valid_from=grant.valid_from, valid_until=grant.valid_until), True
 
 
-def _record_grant_issued(session: Any, grant_id: str, input: IssueGrantInput) -> None:
-    audit.record(
-        session,
+def _grant_issued(grant_id: str, input: IssueGrantInput) -> audit.PendingEvent:
+    return audit.PendingEvent(
         actor=audit.SYSTEM,
         action="grant.issued",
         entity_type="grant",
@@ -402,9 +435,10 @@ def _record_grant_issued(session: Any, grant_id: str, input: IssueGrantInput) ->
 
 def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
     """An approval's writes in one transaction: the notes that approved it (as version
-    `notes_version`), the grant, and the request's new state with its notes; the audit events
-    in that order. Idempotent as a whole: a retried attempt whose first one committed finds the
-    versions written and the grant there, writes nothing and returns the grant.
+    `notes_version`), the grant, and the request's new state with its notes; their audit
+    events in that order, appended last. Idempotent as a whole: a retried attempt whose first
+    one committed finds the versions written and the grant there, writes nothing and returns
+    the grant.
 
     Each part is also skipped on its own when it is already there, which is what a request
     approved half-way by the earlier sequence of activities (notes persisted, perhaps the grant
@@ -412,13 +446,14 @@ def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
     """
     state = input.state
     with session_scope(engine) as session:
-        row = _locked_row(session, state.id)
-        stored = row.version if row is not None else -1
+        found = _locked_version(session, state.id)
+        stored = found if found is not None else -1
         issued, inserted = _issue_grant(session, input.grant, record=False)
+        events: list[audit.PendingEvent] = []
         if stored < input.notes_version:
-            _record_notes(session, state.id, input.notes)
+            events += _note_events(state.id, input.notes)
         if inserted:
-            _record_grant_issued(session, issued.grant_id, input.grant)
+            events.append(_grant_issued(issued.grant_id, input.grant))
         if stored < state.version:
             state = state.model_copy(
                 update={
@@ -427,9 +462,12 @@ def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
                     "valid_until": issued.valid_until,
                 }
             )
-            if _store(session, row, state):
+            if found is not None:
+                _update_row(session, state)
+            if found is not None or _store(session, None, state):
                 notes = [_naming_grant(n, issued.grant_id) for n in input.notes_after_grant]
-                _record_notes(session, state.id, notes)
+                events += _note_events(state.id, notes)
+        audit.record_many(session, events)
     return issued
 
 
@@ -456,9 +494,12 @@ def _not_yet_recorded(session: Any, request_id: str, notes: list[AuditNote]) -> 
 
 
 def _record_notes(session: Any, request_id: str, notes: list[AuditNote]) -> None:
-    for note in notes:
-        audit.record(
-            session,
+    audit.record_many(session, _note_events(request_id, notes))
+
+
+def _note_events(request_id: str, notes: list[AuditNote]) -> list[audit.PendingEvent]:
+    return [
+        audit.PendingEvent(
             actor=audit.Actor(id=note.actor_id, name=note.actor_name),
             action=note.action,
             entity_type="signing_request",
@@ -466,3 +507,5 @@ def _record_notes(session: Any, request_id: str, notes: list[AuditNote]) -> None
             request_id=request_id,
             data=note.data,
         )
+        for note in notes
+    ]

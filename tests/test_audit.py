@@ -501,6 +501,45 @@ async def test_rolled_back_event_leaves_no_gap(chain: Chain) -> None:
     assert (await chain.verify())["valid"] is True
 
 
+async def test_events_recorded_together_chain_like_events_recorded_one_by_one(chain: Chain) -> None:
+    before = chain.seqs()
+    with session_scope(chain.engine) as session:
+        audit.record(session, actor=audit.SYSTEM, action="test.single", entity_type="test", entity_id="x")
+        audit.record_many(
+            session,
+            [
+                audit.PendingEvent(
+                    actor=audit.Actor(id=None, name=f"writer {n}", ip_address="192.0.2.1"),
+                    action=f"test.together.{n}",
+                    entity_type="test",
+                    entity_id="y",
+                    request_id="r",
+                    data={"n": n, "awkward": AWKWARD_DATA},
+                )
+                for n in range(3)
+            ],
+        )
+        audit.record_many(session, [])
+    with session_scope(chain.engine) as session:
+        audit.record(session, actor=audit.SYSTEM, action="test.after", entity_type="test", entity_id="x")
+    first = len(before) + 1
+    assert chain.seqs() == [*before, *range(first, first + 5)]
+    with chain.engine.connect() as conn:
+        rows = conn.execute(select(EVENTS).where(EVENTS.c.seq >= first).order_by(EVENTS.c.seq)).all()
+    assert [r.action for r in rows] == [
+        "test.single",
+        "test.together.0",
+        "test.together.1",
+        "test.together.2",
+        "test.after",
+    ]
+    assert [r.actor_name for r in rows[1:4]] == ["writer 0", "writer 1", "writer 2"]
+    assert all(r.request_id == "r" and r.ip_address == "192.0.2.1" for r in rows[1:4])
+    assert rows[2].data["awkward"]["nested"] == AWKWARD_DATA["nested"]
+    assert [r.prev_hash for r in rows[1:]] == [r.hash for r in rows[:-1]]
+    assert (await chain.verify())["valid"] is True
+
+
 async def test_request_history_in_order(chain: Chain) -> None:
     """requestId gives one signing request's whole story, in chain order, and nothing else."""
     request_id, other = str(uuid.uuid4()), str(uuid.uuid4())
