@@ -10,6 +10,7 @@ import asyncio
 import logging
 import logging.config
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,10 +200,12 @@ def serve_api(
 ) -> None:
     """uvicorn over `api.main:create_app`, in `workers` processes; each reads its settings from the env.
 
-    Each process gets a listening socket of its own on the same port (SO_REUSEPORT), so the
-    kernel spreads connections over them; `uvicorn --workers` shares one socket, on which
-    keep-alive clients often all land in one process, and loses TCP_NODELAY (every answer then
-    waits for a delayed ACK). The sockets are bound here, so a taken port is one clear line.
+    With several processes, this one accepts every connection and hands it to the processes in
+    turn (`Acceptor`), so keep-alive clients are spread evenly: on one shared socket
+    (`uvicorn --workers`) they often all land in one process, and that socket loses TCP_NODELAY
+    (every answer then waits for a delayed ACK); with a socket per process (SO_REUSEPORT) the
+    kernel's hash of the addresses decides, and 8 clients split 4/4 only about one time in
+    four. The socket is bound here, so a taken port is one clear line.
     """
     require_master_key(settings)
     engine = open_database(settings)
@@ -210,45 +213,85 @@ def serve_api(
         require_current_schema(engine, settings)
     finally:
         engine.dispose()
-    sockets = listening_sockets(host, port, workers)
-    port = sockets[0].getsockname()[1]
+    listener = listening_socket(host, port)
+    port = listener.getsockname()[1]
     log.info("serving the API on http://%s:%d with %d worker(s)", host, port, workers)
     options = ApiProcess(log_level=settings.log_level, forwarded_allow_ips=forwarded_allow_ips)
     if workers == 1:
-        options.serve(sockets[0])
+        options.serve(listener)
         return
-    supervise_api(options, sockets)
+    supervise_api(options, listener, workers)
 
 
-def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening sockets on one address, with TCP_NODELAY inherited by every connection."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, with TCP_NODELAY inherited by every connection it accepts."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
         )[0]
     except OSError as exc:
         raise ConfigurationError(f"cannot serve on {host!r}: {exc.strerror or exc}") from exc
-    sockets: list[socket.socket] = []
+    sock = socket.socket(family, kind, proto)
     try:
-        for _ in range(count):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if count > 1:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind(address)
-            sock.listen(2048)
-            sock.set_inheritable(True)
-            # Port 0 picks a port once; the other sockets join it.
-            address = sock.getsockname()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(2048)
     except OSError as exc:
-        for sock in sockets:
-            sock.close()
+        sock.close()
         raise ConfigurationError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server on that port?)"
         ) from exc
-    return sockets
+    return sock
+
+
+class Acceptor:
+    """Accepts connections on the listening socket and hands each to the next API process, in
+    turn, over a Unix socket of that process's own (SCM_RIGHTS). A process that is gone is
+    skipped; with none left a connection is closed."""
+
+    def __init__(self, listener: socket.socket, channels: list[socket.socket]) -> None:
+        self.listener = listener
+        self.channels = channels
+        self.handed = [0] * len(channels)
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="signgate-acceptor", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # the listener was closed: stopping
+            with conn:
+                self.hand_over(conn)
+
+    def hand_over(self, conn: socket.socket) -> bool:
+        for _ in range(len(self.channels)):
+            index = self._next
+            self._next = (index + 1) % len(self.channels)
+            try:
+                socket.send_fds(self.channels[index], [b"c"], [conn.fileno()])
+            except OSError:
+                continue
+            self.handed[index] += 1
+            return True
+        return False
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for channel in self.channels:
+            channel.close()
 
 
 @dataclass(frozen=True)
@@ -258,7 +301,9 @@ class ApiProcess:
     log_level: str
     forwarded_allow_ips: str | None
 
-    def serve(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket, *, handed: bool = False) -> None:
+        """Serve the listening socket `sock`, or (`handed`) the connections an `Acceptor`
+        sends over the Unix socket `sock`."""
         import uvicorn
 
         configure_logging(self.log_level)
@@ -271,24 +316,88 @@ class ApiProcess:
             forwarded_allow_ips=self.forwarded_allow_ips,
             timeout_graceful_shutdown=10,
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        if handed:
+            handed_connections_server(config, sock).run()
+        else:
+            uvicorn.Server(config).run(sockets=[sock])
 
 
-def supervise_api(options: ApiProcess, sockets: list[socket.socket]) -> None:
-    """Run one spawned process per socket; stop them all on SIGINT/SIGTERM or when one dies."""
+def _handed_server_class() -> type[Any]:
+    import uvicorn
+
+    class Handed(uvicorn.Server):
+        """uvicorn serving connections received over a Unix socket instead of accepting them."""
+
+        def __init__(self, config: Any, channel: socket.socket) -> None:
+            super().__init__(config)
+            self.channel = channel
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=[])
+            loop = asyncio.get_running_loop()
+            config = self.config
+
+            def create_protocol() -> asyncio.Protocol:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state
+                )
+
+            self.channel.setblocking(False)
+            loop.add_reader(self.channel.fileno(), self._receive, loop, create_protocol)
+
+        def _receive(self, loop: asyncio.AbstractEventLoop, create_protocol: Any) -> None:
+            while True:
+                try:
+                    data, fds, _, _ = socket.recv_fds(self.channel, 16, 16)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data, fds = b"", []
+                if not data and not fds:  # the acceptor is gone: stop like on SIGTERM
+                    loop.remove_reader(self.channel.fileno())
+                    self.should_exit = True
+                    return
+                for fd in fds:
+                    conn = socket.socket(fileno=fd)
+                    conn.setblocking(False)
+                    loop.create_task(loop.connect_accepted_socket(create_protocol, conn))
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            except (ValueError, OSError):
+                pass
+            await super().shutdown(sockets=sockets)
+
+    return Handed
+
+
+def handed_connections_server(config: Any, channel: socket.socket) -> Any:
+    """The uvicorn server of an API process fed by an `Acceptor` (uvicorn imported lazily)."""
+    return _handed_server_class()(config, channel)
+
+
+def supervise_api(options: ApiProcess, listener: socket.socket, workers: int) -> None:
+    """Run `workers` spawned processes fed by an `Acceptor`; stop them all on SIGINT/SIGTERM or
+    when one dies."""
     import multiprocessing
     import signal
     import time
 
     context = multiprocessing.get_context("spawn")
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(workers)]
     processes = [
-        context.Process(target=options.serve, args=(sock,), name=f"signgate-api-{n}")
-        for n, sock in enumerate(sockets, start=1)
+        context.Process(
+            target=options.serve, args=(theirs,), kwargs={"handed": True}, name=f"signgate-api-{n}"
+        )
+        for n, (_, theirs) in enumerate(pairs, start=1)
     ]
     for process in processes:
         process.start()
-    for sock in sockets:
-        sock.close()
+    for _, theirs in pairs:
+        theirs.close()
+    acceptor = Acceptor(listener, [ours for ours, _ in pairs])
+    acceptor.start()
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -307,6 +416,7 @@ def supervise_api(options: ApiProcess, sockets: list[socket.socket]) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        acceptor.listener.close()  # no new connections; the processes finish theirs
         for process in processes:
             if process.exitcode is None:
                 process.terminate()
@@ -316,6 +426,7 @@ def supervise_api(options: ApiProcess, sockets: list[socket.socket]) -> None:
             if process.exitcode is None:
                 process.kill()
                 process.join()
+        acceptor.stop()
     if failed is not None and not stopping:
         log.error("API process %s exited with status %s; stopped the others", failed.name, failed.exitcode)
         raise SystemExit(1)

@@ -227,6 +227,10 @@ class SqliteDatabase:
     def execute_many(self, sql: str, params: Sequence[dict[str, Any]]) -> None:
         self.conn.executemany(sql, params)
 
+    def no_autocheckpoint(self) -> None:
+        """Leave checkpoints to a `WalCheckpointer`: this connection's commits never run one."""
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+
     def try_lock(self) -> bool:
         """Take the writers' lock now if it is free (the next write transaction then keeps it)."""
         if self._lock_fd is None or self._locked:
@@ -294,6 +298,45 @@ class SqliteDatabase:
 
     def read_json(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite database's WAL from a thread of its own, so the sign path's commits
+    never do it: a connection that commits past `wal_autocheckpoint` pages copies the WAL into
+    the database file and syncs it in that commit, a stall of milliseconds for the calls of its
+    batch. The sign path's connections turn that off (`no_autocheckpoint`); this thread runs a
+    PASSIVE checkpoint (it waits for no reader or writer) every `interval` seconds in which
+    something was committed. Other connections keep SQLite's default."""
+
+    def __init__(self, path: str, interval: float = 0.1) -> None:
+        self.path = path
+        self.interval = interval
+        self.dirty = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sign-wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            while not self._stop.wait(self.interval):
+                if self.dirty:
+                    self.dirty = False
+                    self.checkpoint(conn)
+            self.checkpoint(conn)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def checkpoint(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the next round tries again; commits are unaffected
+            log.warning("WAL checkpoint failed: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 class PostgresDatabase:
@@ -885,18 +928,50 @@ def run_batch(
     makes every call of the batch 503; a batch the database refuses for another reason is
     retried one call per transaction.
     """
+    return commit_batch(db, prepare_batch(db, key_store, calls, key_algorithms))
+
+
+@dataclass
+class PreparedBatch:
+    """A batch after phase 1: the answers already known (refusals of input, identity or
+    membership) and the attempts phase 2 records; or, if the database could not be read,
+    the answer for every call."""
+
+    now: datetime
+    outcomes: list[Outcome | None]
+    attempts: list[_Attempt]
+    failed: BaseException | None = None
+
+
+def prepare_batch(
+    db: Database,
+    key_store: CachingKeyStore,
+    calls: Sequence[SignCall],
+    key_algorithms: dict[str, str] | None = None,
+) -> PreparedBatch:
+    """Phase 1 of a batch: its reads and signatures, with no write lock taken."""
     now = utcnow()
-    outcomes: list[Outcome | None] = [None] * len(calls)
-    attempts: list[_Attempt] = []
+    prepared = PreparedBatch(now=now, outcomes=[None] * len(calls), attempts=[])
     try:
         reads: Database = (
             _prefetch(db, calls, now) if isinstance(db, PostgresDatabase) else cast(Database, _BatchReads(db))
         )
         for index, call in enumerate(calls):
             try:
-                attempts.append(_prepare(reads, key_store, call, index, now, key_algorithms))
+                prepared.attempts.append(_prepare(reads, key_store, call, index, now, key_algorithms))
             except SigngateError as exc:
-                outcomes[index] = exc
+                prepared.outcomes[index] = exc
+    except Exception as exc:
+        prepared.failed = exc
+    return prepared
+
+
+def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
+    """Phase 2 of a batch: record its attempts in one write transaction; then every answer."""
+    outcomes, attempts, now = prepared.outcomes, prepared.attempts, prepared.now
+    try:
+        if prepared.failed is not None:
+            raise prepared.failed
         # PostgreSQL reads opened a transaction; SQLite reads ran in autocommit.
         if not attempts:
             db.rollback()
@@ -949,8 +1024,10 @@ class SignBatcher:
 
     On SQLite a batch whose calls all go to signers last seen with an EC key runs on the event
     loop instead, one at a time: an ECDSA signature and a local commit cost less than the hop to
-    a thread and back. RSA signatures (about 250 µs each) and PostgreSQL round trips go to the
-    threads.
+    a thread and back. Its reads and signatures come first, without the writers' lock; only its
+    write transaction needs the lock, and waits for it on a thread if another process holds it.
+    RSA signatures (about 250 µs each) and PostgreSQL round trips go to the threads. On SQLite
+    a `WalCheckpointer` keeps WAL checkpoints out of the batches' commits.
     """
 
     def __init__(
@@ -972,6 +1049,7 @@ class SignBatcher:
         self._lock = threading.Lock()
         self._closed = False
         self._on_loop_allowed = engine.url.get_backend_name() == "sqlite"
+        self._checkpointer: WalCheckpointer | None = None
         # signer id -> key algorithm, as the last batch that reached the signer saw it.
         self._key_algorithms: dict[str, str] = {}
 
@@ -1006,18 +1084,50 @@ class SignBatcher:
         calls = [call for call, _ in batch]
         if self._cheap(calls):
             db = self._checkout()
-            # Only if no other process is writing: the loop must never wait for the lock.
-            if isinstance(db, SqliteDatabase) and db.try_lock():
-                done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
-                try:
-                    done.set_result(self._run(calls, db))  # lets go of the lock
-                except Exception as exc:  # handed to the callers, as from a thread
-                    done.set_exception(exc)
-                self._finish(loop, batch, done)
+            if isinstance(db, SqliteDatabase):
+                # Reads and ECDSA signatures on the loop, without the writers' lock, which is
+                # only taken for the write transaction (`_write_when_free`).
+                prepared = prepare_batch(db, self.key_store, calls, self._key_algorithms)
+                self._write_when_free(loop, batch, db, prepared)
                 return
             self._checkin(db)
         done = self._executor.submit(self._run, calls)
         done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, loop, batch, f))
+
+    def _write_when_free(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[SignCall, asyncio.Future[Outcome]]],
+        db: SqliteDatabase,
+        prepared: PreparedBatch,
+    ) -> None:
+        """Phase 2 of a prepared batch: on the loop if the writers' lock is free now, else on a
+        thread that waits for it (the loop never waits for another writer)."""
+        if not prepared.attempts or db.try_lock():
+            done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
+            try:
+                done.set_result(self._record(db, prepared))  # lets go of the lock
+            except Exception as exc:  # handed to the callers, as from a thread
+                done.set_exception(exc)
+            self._finish(loop, batch, done)
+            return
+        waited = self._executor.submit(self._record, db, prepared)
+        waited.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, loop, batch, f))
+
+    def _record(self, db: SqliteDatabase | PostgresDatabase, prepared: PreparedBatch) -> list[Outcome]:
+        """`commit_batch` on a checked-out connection, which it gives back (or drops on failure)."""
+        try:
+            outcomes = commit_batch(db, prepared)
+            if self._checkpointer is not None:
+                self._checkpointer.dirty = True
+        except BaseException:
+            _close_quietly(db)
+            raise
+        finally:
+            if isinstance(db, SqliteDatabase):
+                db.unlock()
+        self._checkin(db)
+        return outcomes
 
     def _cheap(self, calls: list[SignCall]) -> bool:
         """Every call of the batch goes to a signer last seen with an EC key (on SQLite)."""
@@ -1035,7 +1145,16 @@ class SignBatcher:
             db = self._idle.pop() if self._idle else None
             if len(self._key_algorithms) > 10_000:
                 self._key_algorithms = {}
-        return db if db is not None else open_database(self.engine)
+        if db is not None:
+            return db
+        db = open_database(self.engine)
+        if isinstance(db, SqliteDatabase):
+            with self._lock:
+                if self._checkpointer is None and not self._closed:
+                    self._checkpointer = WalCheckpointer(str(self.engine.url.database))
+                if self._checkpointer is not None:
+                    db.no_autocheckpoint()
+        return db
 
     def _checkin(self, db: SqliteDatabase | PostgresDatabase) -> None:
         with self._lock:
@@ -1044,21 +1163,9 @@ class SignBatcher:
             else:
                 self._idle.append(db)
 
-    def _run(
-        self, calls: list[SignCall], db: SqliteDatabase | PostgresDatabase | None = None
-    ) -> list[Outcome]:
-        db = db if db is not None else self._checkout()
-        try:
-            outcomes = run_batch(db, self.key_store, calls, self._key_algorithms)
-        except BaseException:
-            # After an unexpected failure the connection's state is unknown: drop it.
-            _close_quietly(db)
-            raise
-        finally:
-            if isinstance(db, SqliteDatabase):
-                db.unlock()
-        self._checkin(db)
-        return outcomes
+    def _run(self, calls: list[SignCall]) -> list[Outcome]:
+        db = self._checkout()
+        return self._record(db, prepare_batch(db, self.key_store, calls, self._key_algorithms))
 
     def _finish(
         self,
@@ -1085,8 +1192,11 @@ class SignBatcher:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            checkpointer, self._checkpointer = self._checkpointer, None
         for db in idle:
             _close_quietly(db)
+        if checkpointer is not None:
+            checkpointer.close()
 
 
 def _close_quietly(db: SqliteDatabase | PostgresDatabase) -> None:

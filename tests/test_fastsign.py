@@ -18,7 +18,7 @@ from sqlmodel import Session
 
 from core.errors import ApprovalRequired, BadRequest, Forbidden, NotFound, SigngateError, Unauthorized
 from store import audit
-from store.fastsign import SignBatcher, SignCall, open_database, run_batch
+from store.fastsign import PreparedBatch, SignBatcher, SignCall, SqliteDatabase, open_database, run_batch
 from store.models import ApiToken, AuditEvent, Grant, SigningOperation
 from store.signing import SignResult
 from tests.conftest import Api, Ident, insert_grant
@@ -176,13 +176,13 @@ async def test_calls_of_one_loop_turn_share_a_batch(api: Api, app: Any, engine: 
     insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=5)
     batcher = SignBatcher(engine, app.state.ctx.key_store)
     sizes: list[int] = []
-    original = batcher._run
+    original = batcher._record
 
-    def counting(calls: list[SignCall], *rest: Any) -> Any:
-        sizes.append(len(calls))
-        return original(calls, *rest)
+    def counting(db: Any, prepared: PreparedBatch) -> Any:
+        sizes.append(len(prepared.outcomes))
+        return original(db, prepared)
 
-    batcher._run = counting  # type: ignore[method-assign]
+    batcher._record = counting  # type: ignore[method-assign]
     try:
         outcomes = await asyncio.gather(
             *(batcher.sign(call(member, signer["id"])) for _ in range(20)), return_exceptions=True
@@ -204,13 +204,13 @@ async def test_ec_batches_run_on_the_loop_once_the_key_is_known(api: Api, app: A
     insert_grant(engine, signer_id=ec_signer["id"], identity_id=member.id, operations=3)
     batcher = SignBatcher(engine, app.state.ctx.key_store)
     threads: list[str] = []
-    original = batcher._run
+    original = batcher._record
 
-    def recording(calls: list[SignCall], *rest: Any) -> Any:
+    def recording(db: Any, prepared: PreparedBatch) -> Any:
         threads.append(threading.current_thread().name)
-        return original(calls, *rest)
+        return original(db, prepared)
 
-    batcher._run = recording  # type: ignore[method-assign]
+    batcher._record = recording  # type: ignore[method-assign]
     try:
         outcomes = [
             await asyncio.gather(batcher.sign(call(member, ec_signer["id"])), return_exceptions=True)
@@ -229,8 +229,8 @@ async def test_ec_batches_run_on_the_loop_once_the_key_is_known(api: Api, app: A
     rsa_signer = await api.signer(members=[member], key_algorithm="RSA_2048")
     threads.clear()
     batcher = SignBatcher(engine, app.state.ctx.key_store)
-    original = batcher._run
-    batcher._run = recording  # type: ignore[method-assign]
+    original = batcher._record
+    batcher._record = recording  # type: ignore[method-assign]
     try:
         for _ in range(2):
             await batcher.sign(call(member, rsa_signer["id"], signing_algorithm="RSASSA_PKCS1_V1_5_SHA256"))
@@ -312,3 +312,43 @@ async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engin
         os.close(other_writer)
         batcher.close()
     assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 2}
+
+
+async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
+    api: Api, app: Any, engine: Engine, monkeypatch: Any
+) -> None:
+    """SQLite: a batch's COMMIT never copies the WAL into the database file (a stall of
+    milliseconds for its calls); the batcher's own thread does, once something was committed."""
+    import sqlite3
+    import threading
+
+    from store.fastsign import WalCheckpointer
+
+    if engine.url.get_backend_name() != "sqlite":
+        return  # PostgreSQL has no WAL checkpoints to move
+    checkpoints: list[str] = []
+    original = WalCheckpointer.checkpoint
+
+    def recording(conn: sqlite3.Connection) -> None:
+        checkpoints.append(threading.current_thread().name)
+        original(conn)
+
+    monkeypatch.setattr(WalCheckpointer, "checkpoint", staticmethod(recording))
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    try:
+        for _ in range(3):
+            assert isinstance(await batcher.sign(call(member, signer["id"])), SignResult)
+        [db] = batcher._idle
+        assert isinstance(db, SqliteDatabase)
+        assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        for _ in range(100):
+            if checkpoints:
+                break
+            await asyncio.sleep(0.01)
+        assert checkpoints and set(checkpoints) == {"sign-wal-checkpoint"}
+    finally:
+        batcher.close()
+    assert len(checkpoints) >= 2  # and once more on closing
+    assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 3}
