@@ -186,18 +186,45 @@ class PendingEvent:
 
 _ADVANCE_HEAD = text("UPDATE audit_head SET seq = seq + :count WHERE id = 1 RETURNING seq, hash")
 _SET_HEAD_HASH = text("UPDATE audit_head SET hash = :h WHERE id = 1")
+# PostgreSQL: the events and the head's new hash in one statement (one round trip).
+_INSERT_EVENTS_SET_HEAD_HASH = text(
+    """
+WITH events AS (
+    INSERT INTO audit_events (id, seq, at, actor_id, actor_name, action, entity_type, entity_id,
+        request_id, data, ip_address, prev_hash, hash)
+    SELECT e.id, e.seq, e.at, e.actor_id, e.actor_name, e.action, e.entity_type, e.entity_id,
+        e.request_id, e.data, e.ip_address, e.prev_hash, e.hash
+    FROM json_to_recordset(CAST(:events AS json)) AS e(id text, seq int, at timestamptz,
+        actor_id text, actor_name text, action text, entity_type text, entity_id text,
+        request_id text, data json, ip_address text, prev_hash text, hash text)
+    RETURNING 1
+)
+UPDATE audit_head SET hash = :h WHERE id = 1
+"""
+)
 
 
-def record_many(session: Session, events: Sequence[PendingEvent]) -> None:
+def advance_head(session: Session, count: int) -> tuple[int, str]:
+    """Take `count` sequence numbers (and the head's row lock, until the commit): the head's
+    (seq, hash) after the advance, for `record_many(..., head=...)`."""
+    row = session.execute(_ADVANCE_HEAD, {"count": count}).one()
+    return int(row[0]), str(row[1])
+
+
+def record_many(
+    session: Session, events: Sequence[PendingEvent], *, head: tuple[int, str] | None = None
+) -> None:
     """Append `events` to the chain in their order inside the caller's transaction: the same
     rows, sequence numbers and hashes as calling `record` for each in turn, in three statements
     whatever their number (the head advanced by their count, which takes its row lock; the
-    events inserted at once; the head's hash set). Call it once the transaction's other writes
-    are done, so the head is its last lock."""
+    events inserted at once; the head's hash set), two on PostgreSQL. `head` is the head as
+    `advance_head(session, len(events))` left it, when the caller advanced it already (in a
+    statement of its own). Call it once the transaction's other writes are done, so the head
+    is its last lock."""
     if not events:
         return
-    row = session.execute(_ADVANCE_HEAD, {"count": len(events)}).one()
-    seq, prev_hash = int(row[0]) - len(events), str(row[1])
+    last_seq, prev_hash = head if head is not None else advance_head(session, len(events))
+    seq = last_seq - len(events)
     rows: list[dict[str, Any]] = []
     for event in events:
         seq += 1
@@ -237,6 +264,10 @@ def record_many(session: Session, events: Sequence[PendingEvent]) -> None:
             }
         )
         prev_hash = digest
+    if session.get_bind().dialect.name == "postgresql":
+        document = json.dumps([{**row, "at": rfc3339(row["at"])} for row in rows])
+        session.execute(_INSERT_EVENTS_SET_HEAD_HASH, {"events": document, "h": prev_hash})
+        return
     session.execute(insert(AuditEvent.__table__), rows)  # type: ignore[attr-defined]
     session.execute(_SET_HEAD_HASH, {"h": prev_hash})
 

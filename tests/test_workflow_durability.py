@@ -25,6 +25,7 @@ from core.schemas import (
 )
 from core.temporal import DATA_CONVERTER, SEARCH_ATTRIBUTE_KEYS
 from core.timeutil import utcnow
+from store import audit
 from store.db import session_scope
 from store.models import Grant, SigningRequest
 from tests.conftest import TEST_SERVER_BIN
@@ -257,6 +258,8 @@ def test_record_approval_is_one_idempotent_transaction(engine) -> None:
         "grant.issued",
         "signing_request.approved",
     ]
+    with session_scope(engine) as session:
+        assert audit.verify(session).valid
 
 
 def test_record_approval_completes_an_approval_the_older_sequence_left_half_done(engine) -> None:
