@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import signal
 from datetime import timedelta
@@ -67,6 +68,15 @@ def build_worker(client: Client, settings: Settings, engine: Engine, key_store: 
     )
 
 
+def freeze_startup_objects() -> None:
+    """Move what start-up allocated (the modules of SQLAlchemy, pydantic, temporalio, ... and
+    their objects) out of the garbage collector's reach: they live as long as the process. A
+    full collection then walks only what requests left behind, instead of taking ~90 ms on
+    this machine that land on whichever approval is in flight."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
     from api.main import build_key_store
     from core.temporal import connect
@@ -76,6 +86,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     key_store = build_key_store(settings)
     client = await connect(settings)
     worker = build_worker(client, settings, engine, key_store)
+    freeze_startup_objects()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
