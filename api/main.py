@@ -62,21 +62,25 @@ class SigngateApp(FastAPI):
         pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)))
         self.fast_routes = (*self.fast_routes, (method, pattern, endpoint))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for method, pattern, endpoint in self.fast_routes:
-                if scope["method"] != method:
-                    continue
-                path: str = scope["path"]
-                root = scope.get("root_path", "")
-                if root and path.startswith(root):
-                    path = path[len(root) :]
+    def match_bare(self, method: str, path: str, root_path: str = "") -> tuple[Any, dict[str, str]] | None:
+        """The fast route for this method and path, with its path parameters; else None."""
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        for route_method, pattern, endpoint in self.fast_routes:
+            if method == route_method:
                 found = pattern.fullmatch(path)
                 if found is not None:
-                    scope["app"] = self
-                    scope["path_params"] = found.groupdict()
-                    await _guarded(endpoint, scope, receive, send)
-                    return
+                    return endpoint, found.groupdict()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.fast_routes:
+            found = self.match_bare(scope["method"], scope["path"], scope.get("root_path", ""))
+            if found is not None:
+                scope["app"] = self
+                scope["path_params"] = found[1]
+                await _guarded(found[0], scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

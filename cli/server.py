@@ -306,12 +306,14 @@ class ApiProcess:
         sends over the Unix socket `sock`."""
         import uvicorn
 
+        from api.http import SigngateHttpProtocol
+
         configure_logging(self.log_level)
         config = uvicorn.Config(
             "api.main:create_app",
             factory=True,
             loop="uvloop",
-            http="httptools",
+            http=SigngateHttpProtocol,
             log_config=logging_config(self.log_level),
             forwarded_allow_ips=self.forwarded_allow_ips,
             timeout_graceful_shutdown=10,

@@ -242,6 +242,12 @@ class SqliteDatabase:
         self._locked = True
         return True
 
+    def wait_until_free(self) -> None:
+        """Block until no other writer holds the writers' lock (without keeping it)."""
+        if self._lock_fd is not None and not self._locked:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
     def unlock(self) -> None:
         """Let go of the writers' lock, if held (a batch that wrote nothing may still hold it)."""
         self._unlock()
@@ -1101,8 +1107,10 @@ class SignBatcher:
         db: SqliteDatabase,
         prepared: PreparedBatch,
     ) -> None:
-        """Phase 2 of a prepared batch: on the loop if the writers' lock is free now, else on a
-        thread that waits for it (the loop never waits for another writer)."""
+        """Phase 2 of a prepared batch, on the loop, once the writers' lock is free: if another
+        process holds it, a thread waits until it is let go and the loop tries again (the loop
+        never waits for another writer, and the write itself never waits on a thread for the
+        GIL while holding the lock that the other processes wait for)."""
         if not prepared.attempts or db.try_lock():
             done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
             try:
@@ -1111,8 +1119,10 @@ class SignBatcher:
                 done.set_exception(exc)
             self._finish(loop, batch, done)
             return
-        waited = self._executor.submit(self._record, db, prepared)
-        waited.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, loop, batch, f))
+        waited = self._executor.submit(db.wait_until_free)
+        waited.add_done_callback(
+            lambda _: loop.call_soon_threadsafe(self._write_when_free, loop, batch, db, prepared)
+        )
 
     def _record(self, db: SqliteDatabase | PostgresDatabase, prepared: PreparedBatch) -> list[Outcome]:
         """`commit_batch` on a checked-out connection, which it gives back (or drops on failure)."""

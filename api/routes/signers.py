@@ -392,19 +392,33 @@ async def _sign_answer(
 class FastSignEndpoint:
     """The sign call as a bare ASGI app: no dependency injection, no Request or Response objects.
 
-    Reads the body and the two headers it needs straight from the ASGI scope and writes one
-    pre-encoded answer; the rules and the answers are `_sign_answer`'s, shared with `sign`.
+    Reads the body and the two headers it needs and writes one pre-encoded answer; the rules
+    and the answers are `_sign_answer`'s, shared with `sign`. `answer` is the same call without
+    ASGI, for `api.http.SigngateHttpProtocol`.
     """
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def answer(
+        self,
+        app: Any,
+        path_params: dict[str, str],
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        client: str | None,
+    ) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]:
         content_type: str | None = None
         authorization: str | None = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"content-type":
                 if content_type is None:
                     content_type = value.decode("latin-1")
             elif name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
+        status, content, extra = await _sign_answer(
+            app.state.ctx, path_params["signer_id"], body, content_type, authorization or "", client
+        )
+        return status, content, (_UNAUTHORIZED_HEADER,) if extra is not None else ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -414,17 +428,14 @@ class FastSignEndpoint:
             if not message.get("more_body", False):
                 break
         client = scope.get("client")
-        status, content, extra = await _sign_answer(
-            scope["app"].state.ctx,
-            scope["path_params"]["signer_id"],
+        status, content, extra = await self.answer(
+            scope["app"],
+            scope["path_params"],
+            scope["headers"],
             chunks[0] if len(chunks) == 1 else b"".join(chunks),
-            content_type,
-            authorization or "",
             client[0] if client else None,
         )
-        headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode())]
-        if extra is not None:
-            headers.append(_UNAUTHORIZED_HEADER)
+        headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode()), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 

@@ -1,0 +1,171 @@
+"""The API processes' HTTP protocol (`api.http.SigngateHttpProtocol`) over a real socket: the
+sign call answered without the ASGI machinery, with uvicorn's HTTP behaviour intact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+from sqlalchemy import Engine
+
+from api.http import SigngateHttpProtocol
+from tests.conftest import Api, Ident
+from tests.test_fastsign import DIGEST, operations_of
+
+SIGN_BODY = json.dumps({"data": DIGEST, "signingAlgorithm": "ECDSA_SHA256", "isDigest": True}).encode()
+
+
+@pytest.fixture
+async def served(app: Any) -> AsyncIterator[tuple[int, list[str]]]:
+    """The app on 127.0.0.1 behind uvicorn with the signgate protocol; and the bare answers' log."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    config = uvicorn.Config(app, http=SigngateHttpProtocol, lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
+    bare: list[str] = []
+    original = SigngateHttpProtocol._respond
+
+    def recording(self: Any, cycle: Any, status: int, content: bytes, extra: Any) -> None:
+        bare.append(cycle.scope["path"])
+        original(self, cycle, status, content, extra)
+
+    SigngateHttpProtocol._respond = recording  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield sock.getsockname()[1], bare
+    finally:
+        SigngateHttpProtocol._respond = original  # type: ignore[method-assign]
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+def sign_request(signer_id: str, token: str | None, *, extra: str = "", body: bytes = SIGN_BODY) -> bytes:
+    head = (
+        f"POST /api/v1/pki/signers/{signer_id}/sign HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    )
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
+    return (head + extra + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers["content-length"]))
+    return int(lines[0].split()[1]), headers, body
+
+
+async def member_and_signer(api: Api) -> tuple[Ident, dict[str, Any]]:
+    member = await api.identity(scopes=["codesign:sign"])
+    return member, await api.signer(members=[member])
+
+
+async def test_pipelined_sign_calls_are_answered_in_order_on_one_connection(
+    api: Api, engine: Engine, served: tuple[int, list[str]]
+) -> None:
+    port, bare = served
+    member, signer = await member_and_signer(api)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # Three requests in one write: a good one, one with a bad token, a good one; then GET
+        # of another route on the same connection.
+        writer.write(
+            sign_request(signer["id"], member.token)
+            + sign_request(signer["id"], "sg_not-a-token")
+            + sign_request(signer["id"], member.token)
+            + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        await writer.drain()
+        answers = [await read_answer(reader) for _ in range(4)]
+    finally:
+        writer.close()
+    assert [status for status, _, _ in answers] == [200, 401, 200, 200]
+    first, unauthorized, third, health = answers
+    assert set(json.loads(first[2])) == {
+        "signature",
+        "signingAlgorithm",
+        "signerId",
+        "grantId",
+        "operationId",
+    }
+    assert first[1]["content-type"] == "application/json" and "date" in first[1]
+    assert unauthorized[1]["www-authenticate"] == "Bearer"
+    assert json.loads(unauthorized[2])["error"] == "unauthorized"
+    assert json.loads(first[2])["operationId"] != json.loads(third[2])["operationId"]
+    assert json.loads(health[2]) == {"status": "ok"}
+    assert len(bare) == 3  # the sign calls, not /healthz
+    assert [op.ip_address for op in operations_of(engine, signer["id"])] == ["127.0.0.1"] * 2
+
+
+async def test_a_forwarded_sign_call_goes_through_the_proxy_headers_middleware(
+    api: Api, engine: Engine, served: tuple[int, list[str]]
+) -> None:
+    port, bare = served
+    member, signer = await member_and_signer(api)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(sign_request(signer["id"], member.token, extra="X-Forwarded-For: 192.0.2.44\r\n"))
+        await writer.drain()
+        status, _, _ = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status == 200 and bare == []
+    # uvicorn trusts 127.0.0.1 by default: the operation records the forwarded client.
+    assert [op.ip_address for op in operations_of(engine, signer["id"])] == ["192.0.2.44"]
+
+
+async def test_connection_close_and_a_body_in_pieces(api: Api, served: tuple[int, list[str]]) -> None:
+    port, bare = served
+    member, signer = await member_and_signer(api)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = sign_request(signer["id"], member.token, extra="Connection: close\r\n")
+        split = len(request) - len(SIGN_BODY) // 2
+        writer.write(request[:split])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(request[split:])
+        await writer.drain()
+        status, headers, _ = await read_answer(reader)
+        assert (status, headers["connection"]) == (200, "close")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the server closed it
+    finally:
+        writer.close()
+    assert len(bare) == 1
+
+
+async def test_an_unexpected_error_is_the_contracts_500(
+    api: Api, served: tuple[int, list[str]], monkeypatch: Any
+) -> None:
+    from api.routes.signers import FastSignEndpoint
+
+    async def broken(self: Any, *args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    port, _ = served
+    member, signer = await member_and_signer(api)
+    monkeypatch.setattr(FastSignEndpoint, "answer", broken)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(sign_request(signer["id"], member.token) + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        status, _, body = await read_answer(reader)
+        health, _, _ = await read_answer(reader)  # the connection still serves
+    finally:
+        writer.close()
+    assert status == 500
+    assert json.loads(body) == {"error": "internal_error", "error_description": "an internal error occurred"}
+    assert health == 200
