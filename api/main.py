@@ -16,6 +16,7 @@ from temporalio.client import Client
 from api.context import AppContext
 from api.errors import install_error_handlers, internal_error_response
 from core.config import Settings
+from core.runtime import freeze_startup_objects
 from store.db import make_engine
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def create_app(
 
             ctx.temporal = await connect(settings, lazy=True)
             ctx.owns_temporal = True
+        freeze_startup_objects()
         yield
         batcher = ctx.extra.pop("sign_batcher", None)
         if batcher is not None:

@@ -393,8 +393,11 @@ class DevStack:
         log.info("worker polling task queue %s", self.settings.task_queue)
 
     async def _start_api(self, app: FastAPI) -> None:
+        from api.http import SigngateHttpProtocol
+
         config = uvicorn.Config(
             app,
+            http=SigngateHttpProtocol,
             host=HOST,
             port=self.options.api_port,
             log_config=None,
