@@ -5,6 +5,13 @@ One request at a time (a latency, not a load): open a request for one operation,
 earlier steps untimed, then time the last approve and sign at once, retrying while the answer is
 403 approval_required. The grant of the previous request is spent by its own sign, so only the
 new grant can serve the call; the answer's grantId is checked against the approved request's.
+
+Two ways to come to the approval:
+- `waiting`: every request is opened first, then each is approved in turn: an approver deciding
+  a request that is open and waiting, as people and approval bots do (seconds to days later);
+- right after opening: each request is approved as soon as its create call has answered, while
+  its workflow's first task may still be running (a bot reacting within milliseconds): the
+  approval then also waits for that task.
 """
 
 from __future__ import annotations
@@ -121,7 +128,13 @@ async def phase_summary(temporal_address: str, samples: list[tuple[str, float, f
 
 
 async def measure(
-    api: Api, fx: Fixtures, signer_key: str, count: int, temporal_address: str | None = None
+    api: Api,
+    fx: Fixtures,
+    signer_key: str,
+    count: int,
+    temporal_address: str | None = None,
+    *,
+    waiting: bool = True,
 ) -> dict[str, Any]:
     signer = fx.signers[signer_key]
     steps = 3 if signer_key == "ec3" else 1
@@ -129,8 +142,9 @@ async def measure(
     approve_calls: list[float] = []
     retries = 0
     samples: list[tuple[str, float, float]] = []
-    for _ in range(count):
-        request = await api.open_request(fx.requester, signer["id"], 1)
+    opened = [await api.open_request(fx.requester, signer["id"], 1) for _ in range(count)] if waiting else []
+    for n in range(count):
+        request = opened[n] if waiting else await api.open_request(fx.requester, signer["id"], 1)
         for step in range(steps - 1):
             await api.approve(fx.approvers[step], request["id"])
         body = {
@@ -171,6 +185,7 @@ async def measure(
     return {
         "steps": steps,
         "count": count,
+        "waiting": waiting,
         "p50_ms": percentile(totals, 50) * 1000,
         "p95_ms": percentile(totals, 95) * 1000,
         "p99_ms": percentile(totals, 99) * 1000,

@@ -350,31 +350,38 @@ def _after_section(rows: list[Row], section: str) -> int:
 
 
 async def run_approval(run: Run, stack: SigngateStack, api: Api, fx: Fixtures) -> None:
+    """Each policy twice: approving requests that wait (the target), and approving each right
+    after opening it (shown beside it: it adds the request's first workflow task)."""
     results = {}
     for signer_key, label in (("ec1", "1-step policy"), ("ec3", "3-step policy")):
-        run.say(f"  approval latency, {stack.backend}, {label}: {run.cfg.approvals} requests ...")
-        assert run.temporal is not None
-        r = await approval.measure(api, fx, signer_key, run.cfg.approvals, run.temporal.address)
-        results[signer_key] = r
-        run.say(
-            f"    p50 {fmt_ms(r['p50_ms'])} p95 {fmt_ms(r['p95_ms'])} p99 {fmt_ms(r['p99_ms'])} ms "
-            f"(approve call alone p50 {fmt_ms(r['approve_call_p50_ms'])}), sign retries {r['sign_retries']}"
-        )
-        for line in r["last_request_timeline"]:
-            run.say(f"      {line}")
-        met = r["p50_ms"] <= 30 and r["p99_ms"] <= 100
-        run.rows.append(
-            Row(
-                "2. approval latency: start of final approve -> sign succeeds under the new grant",
-                f"{label}, {stack.backend}, n={r['count']}",
-                f"p50 {fmt_ms(r['p50_ms'])} ms",
-                latency=f"p95 {fmt_ms(r['p95_ms'])} p99 {fmt_ms(r['p99_ms'])}",
-                ratio=f"approve call alone p50 {fmt_ms(r['approve_call_p50_ms'])} p99 {fmt_ms(r['approve_call_p99_ms'])}",
-                target="p50 <= 30, p99 <= 100",
-                met=met,
-                value=r["p50_ms"],
+        for waiting in (True, False):
+            how = "waiting request" if waiting else "approved right after opening"
+            run.say(f"  approval latency, {stack.backend}, {label}, {how}: {run.cfg.approvals} requests ...")
+            assert run.temporal is not None
+            r = await approval.measure(
+                api, fx, signer_key, run.cfg.approvals, run.temporal.address, waiting=waiting
             )
-        )
+            results[signer_key if waiting else f"{signer_key}_right_after_opening"] = r
+            run.say(
+                f"    p50 {fmt_ms(r['p50_ms'])} p95 {fmt_ms(r['p95_ms'])} p99 {fmt_ms(r['p99_ms'])} ms "
+                f"(approve call alone p50 {fmt_ms(r['approve_call_p50_ms'])}), sign retries {r['sign_retries']}"
+            )
+            for line in r["last_request_timeline"]:
+                run.say(f"      {line}")
+            met = r["p50_ms"] <= 30 and r["p99_ms"] <= 100
+            run.rows.append(
+                Row(
+                    "2. approval latency: start of final approve -> sign succeeds under the new grant",
+                    f"{label}, {how}, {stack.backend}, n={r['count']}",
+                    f"p50 {fmt_ms(r['p50_ms'])} ms",
+                    latency=f"p95 {fmt_ms(r['p95_ms'])} p99 {fmt_ms(r['p99_ms'])}",
+                    ratio=f"approve call alone p50 {fmt_ms(r['approve_call_p50_ms'])} "
+                    f"p99 {fmt_ms(r['approve_call_p99_ms'])}",
+                    target="p50 <= 30, p99 <= 100" if waiting else "(shown)",
+                    met=met if waiting else None,
+                    value=r["p50_ms"],
+                )
+            )
     run.raw.setdefault("approval", {})[stack.backend] = results
 
 
