@@ -392,6 +392,19 @@ def _store(session: Any, row: SigningRequest | None, state: RequestState) -> boo
     return True
 
 
+def _new_grant(input: IssueGrantInput) -> Grant:
+    """The grant row an approval issues (its id chosen by the workflow, so a retry finds it)."""
+    return Grant(
+        id=input.grant_id or str(uuid.uuid4()),
+        request_id=input.request_id,
+        signer_id=input.signer_id,
+        identity_id=input.identity_id,
+        valid_from=input.valid_from,
+        valid_until=input.valid_until,
+        allowed_sign_operations=input.allowed_sign_operations,
+    )
+
+
 def _issue_grant(session: Any, input: IssueGrantInput, *, record: bool) -> tuple[IssuedGrant, bool]:
     """The request's grant, inserted unless it exists (keyed on the request id, so a retried
     activity finds the first attempt's). True when inserted now; its `grant.issued` event is
@@ -403,15 +416,7 @@ def _issue_grant(session: Any, input: IssueGrantInput, *, record: bool) -> tuple
     ).first()
     if existing is not None:
         return IssuedGrant(grant_id=existing[0], valid_from=existing[1], valid_until=existing[2]), False
-    grant = Grant(
-        id=input.grant_id or str(uuid.uuid4()),
-        request_id=input.request_id,
-        signer_id=input.signer_id,
-        identity_id=input.identity_id,
-        valid_from=input.valid_from,
-        valid_until=input.valid_until,
-        allowed_sign_operations=input.allowed_sign_operations,
-    )
+    grant = _new_grant(input)
     session.execute(insert(_GRANTS).values(**grant.model_dump()))
     if record:
         audit.record_many(session, [_grant_issued(grant.id, input)])
@@ -524,15 +529,7 @@ def _record_approval_in_two_round_trips(session: Any, input: RecordApprovalInput
         issued = IssuedGrant(grant_id=found[1], valid_from=found[2], valid_until=found[3])
     else:
         grant = input.grant
-        grant_values = Grant(
-            id=grant.grant_id or str(uuid.uuid4()),
-            request_id=grant.request_id,
-            signer_id=grant.signer_id,
-            identity_id=grant.identity_id,
-            valid_from=grant.valid_from,
-            valid_until=grant.valid_until,
-            allowed_sign_operations=grant.allowed_sign_operations,
-        ).model_dump()
+        grant_values = _new_grant(grant).model_dump()
         issued = IssuedGrant(
             grant_id=grant_values["id"], valid_from=grant.valid_from, valid_until=grant.valid_until
         )

@@ -31,6 +31,9 @@ _JSON = b"content-type: application/json\r\n"
 _CLOSE = b"connection: close\r\n"
 
 
+BareAnswer = tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]  # status, JSON body, extra headers
+
+
 class BareRoute(Protocol):
     async def answer(
         self,
@@ -39,8 +42,8 @@ class BareRoute(Protocol):
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         client: str | None,
-    ) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]:
-        """(status, JSON body, extra headers) for one request."""
+    ) -> BareAnswer:
+        """The answer to one request, from what the protocol read of it."""
         ...
 
 
