@@ -392,6 +392,17 @@ def _store(session: Any, row: SigningRequest | None, state: RequestState) -> boo
     return True
 
 
+def _with_grant(state: RequestState, issued: IssuedGrant) -> RequestState:
+    """The request as written with its grant: the grant's id and window, as issued."""
+    return state.model_copy(
+        update={
+            "grant_id": issued.grant_id,
+            "valid_from": issued.valid_from,
+            "valid_until": issued.valid_until,
+        }
+    )
+
+
 def _new_grant(input: IssueGrantInput) -> Grant:
     """The grant row an approval issues (its id chosen by the workflow, so a retry finds it)."""
     return Grant(
@@ -466,13 +477,7 @@ def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
         if inserted:
             events.append(_grant_issued(issued.grant_id, input.grant))
         if stored < state.version:
-            state = state.model_copy(
-                update={
-                    "grant_id": issued.grant_id,
-                    "valid_from": issued.valid_from,
-                    "valid_until": issued.valid_until,
-                }
-            )
+            state = _with_grant(state, issued)
             if found is not None:
                 _update_row(session, state)
             if found is not None or _store(session, None, state):
@@ -540,13 +545,7 @@ def _record_approval_in_two_round_trips(session: Any, input: RecordApprovalInput
         events.append(_grant_issued(issued.grant_id, input.grant))
     row_values: dict[str, Any] | None = None
     if stored < state.version:
-        state = state.model_copy(
-            update={
-                "grant_id": issued.grant_id,
-                "valid_from": issued.valid_from,
-                "valid_until": issued.valid_until,
-            }
-        )
+        state = _with_grant(state, issued)
         row_values = {
             "id": state.id,
             "status": state.status,
