@@ -132,42 +132,12 @@ def record(
     request_id: str | None = None,
 ) -> AuditEvent:
     """Append one event to the chain inside the caller's transaction."""
-    row = session.execute(text("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")).one()
-    seq, prev_hash = int(row[0]), str(row[1])
-    payload = cast(dict[str, Any], to_json_value(data or {}))
-    event_id = str(uuid.uuid4())
-    at = utcnow()
-    digest = event_hash(
-        prev_hash=prev_hash,
-        seq=seq,
-        event_id=event_id,
-        at=at,
-        actor_id=actor.id,
-        actor_name=actor.name,
-        action=action,
-        entity_type=entity_type,
-        entity_id=entity_id,
-        request_id=request_id,
-        data=payload,
-        ip_address=actor.ip_address,
-    )
+    seq, prev_hash = advance_head(session, 1)
     event = AuditEvent(
-        id=event_id,
-        seq=seq,
-        at=at,
-        actor_id=actor.id,
-        actor_name=actor.name,
-        action=action,
-        entity_type=entity_type,
-        entity_id=entity_id,
-        request_id=request_id,
-        data=payload,
-        ip_address=actor.ip_address,
-        prev_hash=prev_hash,
-        hash=digest,
+        **_chained_row(PendingEvent(actor, action, entity_type, entity_id, data, request_id), seq, prev_hash)
     )
     session.add(event)
-    session.execute(text("UPDATE audit_head SET hash = :h WHERE id = 1"), {"h": digest})
+    session.execute(_SET_HEAD_HASH, {"h": event.hash})
     session.flush()
     return event
 
@@ -204,6 +174,44 @@ UPDATE audit_head SET hash = :h WHERE id = 1
 )
 
 
+def _chained_row(event: PendingEvent, seq: int, prev_hash: str) -> dict[str, Any]:
+    """The stored values of `event` as number `seq` of the chain, after the event `prev_hash`:
+    its data as JSON stores it, a new id, the time now, and its hash over all of them."""
+    payload = cast(dict[str, Any], to_json_value(event.data or {}))
+    event_id = str(uuid.uuid4())
+    at = utcnow()
+    actor = event.actor
+    digest = event_hash(
+        prev_hash=prev_hash,
+        seq=seq,
+        event_id=event_id,
+        at=at,
+        actor_id=actor.id,
+        actor_name=actor.name,
+        action=event.action,
+        entity_type=event.entity_type,
+        entity_id=event.entity_id,
+        request_id=event.request_id,
+        data=payload,
+        ip_address=actor.ip_address,
+    )
+    return {
+        "id": event_id,
+        "seq": seq,
+        "at": at,
+        "actor_id": actor.id,
+        "actor_name": actor.name,
+        "action": event.action,
+        "entity_type": event.entity_type,
+        "entity_id": event.entity_id,
+        "request_id": event.request_id,
+        "data": payload,
+        "ip_address": actor.ip_address,
+        "prev_hash": prev_hash,
+        "hash": digest,
+    }
+
+
 def advance_head(session: Session, count: int) -> tuple[int, str]:
     """Take `count` sequence numbers (and the head's row lock, until the commit): the head's
     (seq, hash) after the advance, for `record_many(..., head=...)`."""
@@ -228,42 +236,8 @@ def record_many(
     rows: list[dict[str, Any]] = []
     for event in events:
         seq += 1
-        payload = cast(dict[str, Any], to_json_value(event.data or {}))
-        event_id = str(uuid.uuid4())
-        at = utcnow()
-        actor = event.actor
-        digest = event_hash(
-            prev_hash=prev_hash,
-            seq=seq,
-            event_id=event_id,
-            at=at,
-            actor_id=actor.id,
-            actor_name=actor.name,
-            action=event.action,
-            entity_type=event.entity_type,
-            entity_id=event.entity_id,
-            request_id=event.request_id,
-            data=payload,
-            ip_address=actor.ip_address,
-        )
-        rows.append(
-            {
-                "id": event_id,
-                "seq": seq,
-                "at": at,
-                "actor_id": actor.id,
-                "actor_name": actor.name,
-                "action": event.action,
-                "entity_type": event.entity_type,
-                "entity_id": event.entity_id,
-                "request_id": event.request_id,
-                "data": payload,
-                "ip_address": actor.ip_address,
-                "prev_hash": prev_hash,
-                "hash": digest,
-            }
-        )
-        prev_hash = digest
+        rows.append(_chained_row(event, seq, prev_hash))
+        prev_hash = rows[-1]["hash"]
     if session.get_bind().dialect.name == "postgresql":
         document = json.dumps([{**row, "at": rfc3339(row["at"])} for row in rows])
         session.execute(_INSERT_EVENTS_SET_HEAD_HASH, {"events": document, "h": prev_hash})
