@@ -282,7 +282,9 @@ class Acceptor:
             return True
         return False
 
-    def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """No new connections: the accepting thread is woken (a close alone leaves it blocked
+        in accept) and ends; connections already handed over stay with their processes."""
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -290,6 +292,9 @@ class Acceptor:
         self.listener.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def stop(self) -> None:
+        self.stop_accepting()
         for channel in self.channels:
             channel.close()
 
@@ -418,7 +423,7 @@ def supervise_api(options: ApiProcess, listener: socket.socket, workers: int) ->
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        acceptor.listener.close()  # no new connections; the processes finish theirs
+        acceptor.stop_accepting()  # the processes finish the connections they have
         for process in processes:
             if process.exitcode is None:
                 process.terminate()

@@ -58,6 +58,18 @@ def test_the_acceptor_hands_connections_round_robin_and_skips_a_process_that_is_
             time.sleep(0.01)
         assert acceptor.handed == [5, 3, 5]
         assert [_received(pairs[0][1]), _received(pairs[2][1])] == [2, 2]
+        # Stopping wakes the accepting thread at once, and nothing more is accepted.
+        started = time.monotonic()
+        acceptor.stop_accepting()
+        assert acceptor._thread is not None and not acceptor._thread.is_alive()
+        assert time.monotonic() - started < 1
+        try:
+            refused = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            pass
+        else:
+            refused.close()
+            raise AssertionError("a connection was accepted after stop_accepting")
     finally:
         for client in clients:
             client.close()
