@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 from temporalio.client import Client
 
@@ -21,7 +22,13 @@ def get_context(request: Request) -> AppContext:
     return ctx
 
 
-ContextDep = Annotated[AppContext, Depends(get_context)]
+# Dependencies that do no I/O are coroutines: FastAPI runs a plain function on its thread pool,
+# one hop there and back for each, on every call that depends on it.
+async def _context(request: Request) -> AppContext:
+    return get_context(request)
+
+
+ContextDep = Annotated[AppContext, Depends(_context)]
 
 
 def get_session(ctx: ContextDep) -> Iterator[Session]:
@@ -34,7 +41,7 @@ def get_session(ctx: ContextDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_temporal(ctx: ContextDep) -> Client:
+async def get_temporal(ctx: ContextDep) -> Client:
     if ctx.temporal is None:
         raise Unavailable("Temporal is unreachable")
     return ctx.temporal
@@ -48,12 +55,12 @@ def client_ip(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def current_principal(request: Request, ctx: ContextDep) -> Principal:
+async def current_principal(request: Request, ctx: ContextDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("a valid bearer token is required")
-    principal = authenticate(ctx.engine, token.strip())
+    principal = await run_in_threadpool(authenticate, ctx.engine, token.strip())
     if principal is None:
         raise Unauthorized("a valid bearer token is required")
     request.state.principal = principal
@@ -63,8 +70,8 @@ def current_principal(request: Request, ctx: ContextDep) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-def require_scope(scope: str) -> Callable[[Principal], Principal]:
-    def check(principal: CurrentPrincipal) -> Principal:
+def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: CurrentPrincipal) -> Principal:
         if not principal.has(scope):
             raise Forbidden(f"this call needs the {scope} scope")
         return principal
@@ -73,8 +80,8 @@ def require_scope(scope: str) -> Callable[[Principal], Principal]:
     return check
 
 
-def require_any_scope(*scopes: str) -> Callable[[Principal], Principal]:
-    def check(principal: CurrentPrincipal) -> Principal:
+def require_any_scope(*scopes: str) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: CurrentPrincipal) -> Principal:
         if not any(principal.has(s) for s in scopes):
             raise Forbidden("this call needs one of the scopes " + ", ".join(scopes))
         return principal
@@ -93,7 +100,7 @@ def actor_of(principal: Principal, request: Request) -> audit.Actor:
     return audit.Actor(id=principal.identity_id, name=principal.name, ip_address=client_ip(request))
 
 
-def get_actor(principal: CurrentPrincipal, request: Request) -> audit.Actor:
+async def get_actor(principal: CurrentPrincipal, request: Request) -> audit.Actor:
     return actor_of(principal, request)
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
@@ -74,6 +74,27 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def read_scope(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads that need no transaction of their own (each a single statement).
+
+    On PostgreSQL it runs in autocommit: every statement is its own snapshot, as a one-statement
+    transaction would be, without the BEGIN and ROLLBACK round trips around it. SQLite keeps its
+    transaction (its connections begin with the writers' lock, see make_engine). A lost
+    database maps to 503, as in session_scope.
+    """
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+            conn.rollback()
+    except SQLAlchemyError as exc:
+        if _is_connectivity_error(exc):
+            raise Unavailable("the database is unreachable") from exc
+        raise
 
 
 def _is_connectivity_error(exc: SQLAlchemyError) -> bool:

@@ -15,6 +15,7 @@ from sqlmodel import Session
 from core.errors import Conflict, NotFound
 from core.timeutil import utcnow
 from store import audit
+from store.db import read_scope
 from store.models import ApiToken, Identity
 
 SCOPES = ("admin", "codesign:request", "codesign:approve", "codesign:sign", "audit:read")
@@ -64,7 +65,7 @@ def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> 
     if not token_shaped(token):
         return None
     digest = hash_token(token)
-    with engine.connect() as conn:
+    with read_scope(engine) as conn:
         row = conn.execute(
             select(
                 ApiToken.id,  # type: ignore[call-overload]
@@ -79,7 +80,6 @@ def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> 
             .join(Identity, Identity.id == ApiToken.identity_id)
             .where(ApiToken.token_hash == digest)
         ).first()
-        conn.rollback()
     if row is None or not token_usable(row[1], digest, row[4], row[3], now or utcnow()):
         return None
     return Principal(identity_id=row[5], name=row[6], kind=row[7], scopes=frozenset(row[2]), token_id=row[0])

@@ -34,7 +34,7 @@ from store import audit
 from store.db import session_scope
 from store.identities import Principal
 from store.models import SigningRequest
-from store.requests import build_request, load_request, resubmission_ids, state_of
+from store.requests import build_request, load_request, read_state, resubmission_ids, state_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["signing requests"])
@@ -345,12 +345,7 @@ async def _decide(
     principal: Principal,
     idempotency_key: str | None,
 ) -> RequestPublic:
-    def load() -> RequestState:
-        with session_scope(ctx.engine) as session:
-            row = load_request(session, request_id)
-            return state_of(row)
-
-    state = await run_in_threadpool(load)
+    state = await run_in_threadpool(read_state, ctx.engine, request_id)
     if update == "cancel" and not (principal.identity_id == state.requester_id or principal.is_admin):
         raise Forbidden("only the requester or an admin may cancel")
     if update != "cancel" and not _may_view(principal, state):
