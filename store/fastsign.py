@@ -18,7 +18,8 @@ A batch runs in two phases on one connection:
    the grants FOR UPDATE in one order); a call that finds nothing left is denied and its
    signature discarded; every recorded attempt gets its signing-operation row, then the audit
    chain is advanced once for the batch, one event per attempt in order. On PostgreSQL this is
-   two round trips (the locks and the chain head; then every write in one statement and COMMIT).
+   one statement in autocommit, `signgate_record_sign_batch` (migration 0002), which settles,
+   writes, hashes the chain and commits on the server, so no lock is held across a round trip.
    Only after COMMIT does any caller get an answer.
 
 Refusals that are not the caller's input (disabled signer, no grant, failed signature) are
@@ -118,45 +119,9 @@ UPDATE grants SET used_sign_operations = used_sign_operations + :take,
 WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
 RETURNING id
 """  # noqa: S608
-# PostgreSQL (`_commit_pipelined`): every usable grant of a group, locked in the order spent.
-_LOCK_CANDIDATES = f"{_GRANT_LEFT} WHERE {_USABLE_GRANT} ORDER BY valid_until, id FOR UPDATE"
-_LOCK_PINNED = f"{_PINNED_LEFT} FOR UPDATE"
-# Then every write of the batch in one statement: the operations taken from the locked grants,
-# the operation records, their audit events, signatures kept on requests and the head hash.
-_WRITE_BATCH = """
-WITH taken AS (
-    UPDATE grants SET used_sign_operations = used_sign_operations + u.take,
-        status = CASE WHEN used_sign_operations + u.take >= allowed_sign_operations
-                      THEN 'exhausted' ELSE status END
-    FROM json_to_recordset(:batch::json -> 'grants') AS u(id text, take int)
-    WHERE grants.id = u.id
-    RETURNING 1
-), operations AS (
-    INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm,
-        data_sha256, grant_id, request_id, client_metadata, ip_address, error)
-    SELECT o.id, :operation_at, o.signer_id, o.actor_id, o.status, o.signing_algorithm,
-        o.data_sha256, o.grant_id, o.request_id, o.client_metadata, o.ip_address, o.error
-    FROM json_to_recordset(:batch::json -> 'operations') AS o(id text, signer_id text,
-        actor_id text, status text, signing_algorithm text, data_sha256 text, grant_id text,
-        request_id text, client_metadata json, ip_address text, error text)
-    RETURNING 1
-), events AS (
-    INSERT INTO audit_events (id, seq, at, actor_id, actor_name, action, entity_type, entity_id,
-        request_id, data, ip_address, prev_hash, hash)
-    SELECT e.id, e.seq, :event_at, e.actor_id, e.actor_name, e.action, 'signing_operation',
-        e.entity_id, e.request_id, e.data, e.ip_address, e.prev_hash, e.hash
-    FROM json_to_recordset(:batch::json -> 'events') AS e(id text, seq int, actor_id text,
-        actor_name text, action text, entity_id text, request_id text, data json,
-        ip_address text, prev_hash text, hash text)
-    RETURNING 1
-), signatures AS (
-    UPDATE signing_requests SET signature = u.signature
-    FROM json_to_recordset(:batch::json -> 'signatures') AS u(request_id text, signature text)
-    WHERE signing_requests.id = u.request_id
-    RETURNING 1
-)
-UPDATE audit_head SET hash = :head_hash WHERE id = 1
-"""
+# PostgreSQL (`_commit_pipelined`): the whole write side of a batch in one statement, run in
+# autocommit so it commits as it returns (migration 0002 defines the function).
+_RECORD_BATCH = "SELECT signgate_record_sign_batch(:batch::json, :at)"
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
     grant_id, request_id, client_metadata, ip_address, error)
@@ -346,7 +311,7 @@ class WalCheckpointer:
 
 
 class PostgresDatabase:
-    """psycopg, one transaction from the first read to COMMIT (reads take no locks)."""
+    """psycopg: the reads before signing, then the write side in one statement."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -355,7 +320,9 @@ class PostgresDatabase:
     def open(cls, conninfo: str) -> PostgresDatabase:
         import psycopg
 
-        return cls(psycopg.connect(conninfo, autocommit=False))
+        # Autocommit: the reads before signing hold no transaction open while the batch signs,
+        # and the write side is one statement that commits as it returns.
+        return cls(psycopg.connect(conninfo, autocommit=True))
 
     def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
@@ -391,26 +358,13 @@ class PostgresDatabase:
                 for cur in cursors:
                     cur.close()
 
-    def lock_and_advance(
-        self, groups: Sequence[dict[str, Any]], count: int
-    ) -> tuple[list[list[tuple[Any, ...]]], tuple[Any, ...]]:
-        """One round trip: each group's usable grants locked, then the audit head advanced by
-        `count` (the last lock). The grants of each group, and the head's (seq, hash)."""
-        queries: list[tuple[str, Sequence[dict[str, Any]]]] = []
-        for group in groups:
-            if group["grant_id"] is None:
-                queries.append((_LOCK_CANDIDATES, [{k: v for k, v in group.items() if k != "grant_id"}]))
-            else:
-                queries.append((_LOCK_PINNED, [group]))
-        queries.append((_ADVANCE_HEAD, [{"count": count}]))
-        answers = self.rows_pipelined(queries)
-        return [one[0] for one in answers[:-1]], answers[-1][0][0]
-
-    def write_and_commit(self, params: dict[str, Any]) -> None:
-        """One round trip: `_WRITE_BATCH` and COMMIT."""
-        with self.conn.pipeline(), self.conn.cursor() as cur:
-            cur.execute(_pyformat(_WRITE_BATCH), params)
+    def record_batch(self, batch: str, at: datetime) -> dict[str, list[str | None]]:
+        """`_RECORD_BATCH`: one round trip, COMMIT included, in autocommit (the sign path's own
+        connections); on a connection in a transaction, COMMIT follows."""
+        found = self.rows(_RECORD_BATCH, {"batch": batch, "at": at})
+        if not self.conn.autocommit:
             self.conn.commit()
+        return cast(dict[str, list[str | None]], self.read_json(found[0][0]))
 
     def commit(self) -> None:
         self.conn.commit()
@@ -867,57 +821,141 @@ def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
 
 
 def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: datetime) -> None:
-    """Phase 2 on PostgreSQL in two round trips, COMMIT included.
+    """Phase 2 on PostgreSQL: one statement, `signgate_record_sign_batch`, that commits as it
+    returns (autocommit).
 
-    1. Every usable grant of each group read FOR UPDATE (groups in a fixed order, grants in the
-       order they are spent, so concurrent batches lock them in one order; a row that stopped
-       matching while we waited is left out), and the audit head advanced for every attempt,
-       last. From here on no one else can change what those grants have left.
-    2. `_WRITE_BATCH`: the operations taken, the records, the chained events, the head hash;
-       and COMMIT.
+    On the server, in one transaction: every usable grant of each group locked FOR UPDATE
+    (groups in a fixed order, grants in the order they are spent, so concurrent batches lock
+    them in one order; a row that stopped matching while it waited is left out), the operations
+    settled and taken, the records inserted, the audit head advanced (the last lock) and the
+    chained events inserted. The locks are held only while that statement runs: no round trip
+    and no wait for this process's GIL falls inside them.
 
-    Only after COMMIT answers does any caller get an answer.
+    Only after it has committed does any caller get an answer.
     """
-    groups = dict(
-        sorted(_grant_groups(attempts).items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or ""))
+    groups = sorted(
+        _grant_groups(attempts).items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or "")
     )
-    params = [
-        {"signer_id": signer_id, "identity_id": identity_id, "now": now, "grant_id": pinned}
-        for signer_id, identity_id, pinned in groups
-    ]
-    try:
-        locked, head = db.lock_and_advance(params, len(attempts))
-        had: dict[str, int] = {}  # what each locked grant had left
-        left: dict[str, int] = {}  # and has left as this batch spends it, group after group
-        for ((_, _, pinned), members), candidates in zip(groups.items(), locked, strict=True):
-            taken: list[tuple[str, str]] = []
-            for grant_id, request_id, available in candidates:
-                if grant_id not in left:
-                    had[grant_id] = left[grant_id] = int(available)
-                take = min(left[grant_id], len(members) - len(taken))
-                if take > 0:
-                    left[grant_id] -= take
-                    taken += [(str(grant_id), str(request_id))] * take
-            _settle(members, taken, pinned)
-        events, last_hash = _event_rows(attempts, int(head[0]), str(head[1]), now)
-        takes = {grant_id: had[grant_id] - n for grant_id, n in left.items() if had[grant_id] > n}
-        batch = {
-            "grants": [{"id": grant_id, "take": n} for grant_id, n in takes.items()],
-            "operations": _operation_rows(attempts),
-            "events": events,
-            "signatures": _signature_rows(attempts),
+    result = db.record_batch(_batch_document(attempts, groups, now), now)
+    settled = zip(attempts, result["status"], result["grant"], result["request"], strict=True)
+    for attempt, status, grant_id, request_id in settled:
+        if attempt.refusal is None and attempt.needs_grant:
+            if status == "success":
+                attempt.status, attempt.grant_id, attempt.request_id = "success", grant_id, request_id
+            else:
+                _settle([attempt], [], attempt.call.grant_id)
+
+
+def _batch_document(
+    attempts: Sequence[_Attempt], groups: Sequence[tuple[_GroupKey, list[_Attempt]]], now: datetime
+) -> str:
+    """The batch as `signgate_record_sign_batch` reads it (see migration 0002): each attempt's
+    operation row and event, with its event's canonical text (`audit.event_hash`) cut around
+    the values the server settles: the grant id, the request id and the sequence number. An
+    attempt in a group comes in two variants, as it succeeds or is denied."""
+    at_text = rfc3339(now)
+    position = {id(attempt): index for index, attempt in enumerate(attempts)}
+    grouped = {id(attempt) for _, members in groups for attempt in members}
+    documents = []
+    for attempt in attempts:
+        operation: dict[str, Any] = {
+            "id": attempt.operation_id,
+            "signer_id": attempt.key.signer_id,
+            "actor_id": attempt.actor.id or "system",
+            "signing_algorithm": attempt.call.signing_algorithm,
+            "data_sha256": attempt.data_sha256,
+            "ip_address": attempt.actor.ip_address,
         }
-        db.write_and_commit(
-            {
-                "batch": json.dumps(batch, separators=(",", ":")),
-                "operation_at": now,
-                "event_at": now,
-                "head_hash": last_hash,
+        if attempt.call.client_metadata is not None:
+            operation["client_metadata"] = attempt.call.client_metadata
+        event_id = time_ordered_id()
+        document: dict[str, Any] = {
+            "op": operation,
+            "ev": {
+                "id": event_id,
+                "actor_id": attempt.actor.id,
+                "actor_name": attempt.actor.name,
+                "ip_address": attempt.actor.ip_address,
+            },
+            "d1": _canonical_after_grant(attempt),
+            "q": _canonical_after_data(attempt, event_id),
+        }
+        if id(attempt) in grouped:
+            denied = _approval_required().description
+            document["ok"] = _canonical_variant(attempt, "success", None, at_text)
+            document["no"] = {**_canonical_variant(attempt, "denied", denied, at_text), "error": denied}
+        else:
+            error = None if attempt.refusal is None else attempt.refusal.description
+            document["fixed"] = {
+                "status": attempt.status,
+                "grant_id": attempt.grant_id,
+                "request_id": attempt.request_id,
+                "error": error,
+                **_canonical_variant(attempt, attempt.status, error, at_text),
             }
-        )
-    except BaseException:
-        db.rollback()
-        raise
+        # Kept on the request only if the attempt succeeds.
+        if attempt.call.store_signature_on_request is not None and attempt.signature is not None:
+            document["sig_req"] = attempt.call.store_signature_on_request
+            document["sig"] = base64.b64encode(attempt.signature).decode()
+        documents.append(document)
+    batch = {
+        "groups": [
+            {
+                "signer_id": signer_id,
+                "identity_id": identity_id,
+                "grant_id": pinned,
+                "members": [position[id(attempt)] for attempt in members],
+            }
+            for (signer_id, identity_id, pinned), members in groups
+        ],
+        "attempts": documents,
+    }
+    return json.dumps(batch, separators=(",", ":"), ensure_ascii=False)
+
+
+def _canonical(value: dict[str, Any]) -> str:
+    """A JSON object as `audit.event_hash` writes it."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# An event's canonical text, whose keys sort as action, actorId, actorName, at, data{dataSha256,
+# error, grantId, signerId, signerName, signingAlgorithm}, entityId, entityType, id, ipAddress,
+# requestId, seq, is cut as  p + d0 + <grant id> + d1 + q + ',"requestId":' + <request id> +
+# ',"seq":' + <seq> + '}'; the data stored for the event is d0 + <grant id> + d1.
+
+
+def _canonical_variant(attempt: _Attempt, status: str, error: str | None, at_text: str) -> dict[str, str]:
+    """p and d0: the parts that differ between an attempt that succeeds and one denied."""
+    head = {
+        "action": f"signing_operation.{status}",
+        "actorId": attempt.actor.id,
+        "actorName": attempt.actor.name,
+        "at": at_text,
+    }
+    return {
+        "p": _canonical(head)[:-1] + ',"data":',
+        "d0": _canonical({"dataSha256": attempt.data_sha256, "error": error})[:-1] + ',"grantId":',
+    }
+
+
+def _canonical_after_grant(attempt: _Attempt) -> str:
+    key = attempt.key
+    rest = {
+        "signerId": key.signer_id,
+        "signerName": key.signer_name,
+        "signingAlgorithm": attempt.call.signing_algorithm,
+    }
+    return "," + _canonical(rest)[1:]
+
+
+def _canonical_after_data(attempt: _Attempt, event_id: str) -> str:
+    rest = {
+        "entityId": attempt.operation_id,
+        "entityType": "signing_operation",
+        "id": event_id,
+        "ipAddress": attempt.actor.ip_address,
+    }
+    return "," + _canonical(rest)[1:-1]
 
 
 def run_batch(
