@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlmodel import Session
 
 from core.errors import Unavailable
@@ -56,7 +57,43 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=20)
+    if make_url(url).get_driver_name() != "psycopg":
+        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=20)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=20)
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if not _idle_connection_usable(dbapi_connection):
+            # The pool discards the connection and checks out another (a new one if need be).
+            raise DisconnectionError("the database closed this pooled connection")
+
+    return engine
+
+
+def _idle_connection_usable(dbapi_connection: Any) -> bool:
+    """Whether a pooled psycopg connection is still open, without a round trip.
+
+    What pool_pre_ping's `SELECT 1` finds out, it finds out from the socket: a server that
+    ends a session (restart, pg_terminate_backend, idle timeout) sends its FATAL error and
+    closes, so the idle connection's socket turns readable, and nothing else makes it so here
+    (signgate never LISTENs, and every result is read to the end before the connection goes
+    back to the pool). Saves a round trip on every checkout: the API checks one out per
+    authenticated call.
+    """
+    import psycopg
+
+    if dbapi_connection.closed or dbapi_connection.broken:
+        return False
+    pgconn = dbapi_connection.pgconn
+    try:
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            return False
+        if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return False
+        readable, _, _ = select.select([pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
 
 
 @contextmanager
