@@ -850,54 +850,74 @@ def _batch_document(
     attempts: Sequence[_Attempt], groups: Sequence[tuple[_GroupKey, list[_Attempt]]], now: datetime
 ) -> str:
     """The batch as `signgate_record_sign_batch` reads it (see migration 0002): each attempt's
-    operation row and event, with its event's canonical text (`audit.event_hash`) cut around
-    the values the server settles: the grant id, the request id and the sequence number. An
-    attempt in a group comes in two variants, as it succeeds or is denied."""
+    operation row and event, with its event's canonical text (`audit.event_hash`) in the parts
+    around what the server settles (the action, the error, the grant id, the request id and the
+    sequence number)."""
     at_text = rfc3339(now)
     position = {id(attempt): index for index, attempt in enumerate(attempts)}
     grouped = {id(attempt) for _, members in groups for attempt in members}
+    heads: dict[tuple[str | None, str | None], str] = {}
+    afters: dict[tuple[str, str, str], str] = {}
     documents = []
     for attempt in attempts:
+        actor, key, algorithm = attempt.actor, attempt.key, attempt.call.signing_algorithm
         operation: dict[str, Any] = {
             "id": attempt.operation_id,
-            "signer_id": attempt.key.signer_id,
-            "actor_id": attempt.actor.id or "system",
-            "signing_algorithm": attempt.call.signing_algorithm,
+            "signer_id": key.signer_id,
+            "actor_id": actor.id or "system",
+            "signing_algorithm": algorithm,
             "data_sha256": attempt.data_sha256,
-            "ip_address": attempt.actor.ip_address,
+            "ip_address": actor.ip_address,
         }
         if attempt.call.client_metadata is not None:
             operation["client_metadata"] = attempt.call.client_metadata
+        head = heads.get((actor.id, actor.name))
+        if head is None:
+            head = heads[(actor.id, actor.name)] = _canonical(
+                {"actorId": actor.id, "actorName": actor.name, "at": at_text}
+            )[1:-1]
+        after_grant = afters.get((key.signer_id, key.signer_name, algorithm))
+        if after_grant is None:
+            after_grant = afters[(key.signer_id, key.signer_name, algorithm)] = (
+                ","
+                + _canonical(
+                    {"signerId": key.signer_id, "signerName": key.signer_name, "signingAlgorithm": algorithm}
+                )[1:]
+            )
         event_id = time_ordered_id()
+        after_data = {
+            "entityId": attempt.operation_id,
+            "entityType": "signing_operation",
+            "id": event_id,
+            "ipAddress": actor.ip_address,
+        }
         document: dict[str, Any] = {
             "op": operation,
             "ev": {
                 "id": event_id,
-                "actor_id": attempt.actor.id,
-                "actor_name": attempt.actor.name,
-                "ip_address": attempt.actor.ip_address,
+                "actor_id": actor.id,
+                "actor_name": actor.name,
+                "ip_address": actor.ip_address,
             },
-            "d1": _canonical_after_grant(attempt),
-            "q": _canonical_after_data(attempt, event_id),
+            "h": head,
+            "d1": after_grant,
+            "q": "," + _canonical(after_data)[1:-1],
         }
-        if id(attempt) in grouped:
-            denied = _approval_required().description
-            document["ok"] = _canonical_variant(attempt, "success", None, at_text)
-            document["no"] = {**_canonical_variant(attempt, "denied", denied, at_text), "error": denied}
-        else:
+        if id(attempt) not in grouped:
             error = None if attempt.refusal is None else attempt.refusal.description
             document["fixed"] = {
                 "status": attempt.status,
                 "grant_id": attempt.grant_id,
                 "request_id": attempt.request_id,
                 "error": error,
-                **_canonical_variant(attempt, attempt.status, error, at_text),
+                "error_json": _canonical(error),
             }
         # Kept on the request only if the attempt succeeds.
         if attempt.call.store_signature_on_request is not None and attempt.signature is not None:
             document["sig_req"] = attempt.call.store_signature_on_request
             document["sig"] = base64.b64encode(attempt.signature).decode()
         documents.append(document)
+    denied = _approval_required().description
     batch = {
         "groups": [
             {
@@ -909,53 +929,15 @@ def _batch_document(
             for (signer_id, identity_id, pinned), members in groups
         ],
         "attempts": documents,
+        "denied": denied,
+        "denied_json": _canonical(denied),
     }
     return json.dumps(batch, separators=(",", ":"), ensure_ascii=False)
 
 
-def _canonical(value: dict[str, Any]) -> str:
-    """A JSON object as `audit.event_hash` writes it."""
+def _canonical(value: Any) -> str:
+    """A JSON value as `audit.event_hash` writes it."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-# An event's canonical text, whose keys sort as action, actorId, actorName, at, data{dataSha256,
-# error, grantId, signerId, signerName, signingAlgorithm}, entityId, entityType, id, ipAddress,
-# requestId, seq, is cut as  p + d0 + <grant id> + d1 + q + ',"requestId":' + <request id> +
-# ',"seq":' + <seq> + '}'; the data stored for the event is d0 + <grant id> + d1.
-
-
-def _canonical_variant(attempt: _Attempt, status: str, error: str | None, at_text: str) -> dict[str, str]:
-    """p and d0: the parts that differ between an attempt that succeeds and one denied."""
-    head = {
-        "action": f"signing_operation.{status}",
-        "actorId": attempt.actor.id,
-        "actorName": attempt.actor.name,
-        "at": at_text,
-    }
-    return {
-        "p": _canonical(head)[:-1] + ',"data":',
-        "d0": _canonical({"dataSha256": attempt.data_sha256, "error": error})[:-1] + ',"grantId":',
-    }
-
-
-def _canonical_after_grant(attempt: _Attempt) -> str:
-    key = attempt.key
-    rest = {
-        "signerId": key.signer_id,
-        "signerName": key.signer_name,
-        "signingAlgorithm": attempt.call.signing_algorithm,
-    }
-    return "," + _canonical(rest)[1:]
-
-
-def _canonical_after_data(attempt: _Attempt, event_id: str) -> str:
-    rest = {
-        "entityId": attempt.operation_id,
-        "entityType": "signing_operation",
-        "id": event_id,
-        "ipAddress": attempt.actor.ip_address,
-    }
-    return "," + _canonical(rest)[1:-1]
 
 
 def run_batch(

@@ -19,10 +19,12 @@ The batch (built by `store.fastsign._batch_document`):
   attempts: [{op: {id, signer_id, actor_id, signing_algorithm, data_sha256, client_metadata?,
                    ip_address},
               ev: {id, actor_id, actor_name, ip_address},
-              d1, q: canonical text after the grant id and after the event's data,
-              fixed: {status, grant_id, request_id, error, p, d0}   -- settled by the caller
-              | ok: {p, d0} and no: {p, d0, error}                 -- settled here
-              sig_req?, sig?: a signature to keep on a request if the attempt succeeds}]
+              h, d1, q: the event's canonical text between the action and the data, after the
+                  grant id, and after the data,
+              fixed?: {status, grant_id, request_id, error, error_json}: settled by the caller
+                  (otherwise the attempt belongs to a group and is settled here),
+              sig_req?, sig?: a signature to keep on a request if the attempt succeeds}],
+  denied, denied_json: the error of an attempt denied here, as text and as JSON text.
 Returns {"status": [...], "grant": [...], "request": [...]}, one entry per attempt.
 """
 
@@ -46,7 +48,7 @@ DECLARE
     v_grant text[] := array_fill(NULL::text, ARRAY[v_n]);
     v_request text[] := array_fill(NULL::text, ARRAY[v_n]);
     v_error text[] := array_fill(NULL::text, ARRAY[v_n]);
-    v_variant jsonb[] := array_fill(NULL::jsonb, ARRAY[v_n]);
+    v_error_json text[] := array_fill('null'::text, ARRAY[v_n]);
     v_seqs bigint[] := array_fill(NULL::bigint, ARRAY[v_n]);
     v_prevs text[] := array_fill(NULL::text, ARRAY[v_n]);
     v_hashes text[] := array_fill(NULL::text, ARRAY[v_n]);
@@ -75,7 +77,7 @@ BEGIN
             v_grant[v_i] := v_a -> 'fixed' ->> 'grant_id';
             v_request[v_i] := v_a -> 'fixed' ->> 'request_id';
             v_error[v_i] := v_a -> 'fixed' ->> 'error';
-            v_variant[v_i] := v_a -> 'fixed';
+            v_error_json[v_i] := v_a -> 'fixed' ->> 'error_json';
         END IF;
     END LOOP;
 
@@ -105,7 +107,6 @@ BEGIN
                     v_status[v_m] := 'success';
                     v_grant[v_m] := v_row.id;
                     v_request[v_m] := v_row.request_id;
-                    v_variant[v_m] := v_attempts -> (v_m - 1) -> 'ok';
                     v_pos := v_pos + 1;
                 END LOOP;
             END IF;
@@ -114,8 +115,8 @@ BEGIN
             v_m := v_members[v_pos + 1] + 1;
             v_status[v_m] := 'denied';
             v_grant[v_m] := v_group ->> 'grant_id';
-            v_variant[v_m] := v_attempts -> (v_m - 1) -> 'no';
-            v_error[v_m] := v_variant[v_m] ->> 'error';
+            v_error[v_m] := v_doc ->> 'denied';
+            v_error_json[v_m] := v_doc ->> 'denied_json';
             v_pos := v_pos + 1;
         END LOOP;
     END LOOP;
@@ -140,10 +141,13 @@ BEGIN
     FOR v_i IN 1 .. v_n LOOP
         v_a := v_attempts -> (v_i - 1);
         v_seq := v_seq + 1;
-        v_data := (v_variant[v_i] ->> 'd0') || coalesce(to_json(v_grant[v_i])::text, 'null')
+        -- audit.event_hash's canonical text: keys sorted, no spaces, non-ASCII as is.
+        v_data := '{"dataSha256":"' || (v_a -> 'op' ->> 'data_sha256') || '","error":'
+            || v_error_json[v_i] || ',"grantId":' || coalesce(to_json(v_grant[v_i])::text, 'null')
             || (v_a ->> 'd1');
         v_hash := encode(sha256(convert_to(
-            v_prev || (v_variant[v_i] ->> 'p') || v_data || (v_a ->> 'q') || ',"requestId":'
+            v_prev || '{"action":"signing_operation.' || v_status[v_i] || '",' || (v_a ->> 'h')
+                || ',"data":' || v_data || (v_a ->> 'q') || ',"requestId":'
                 || coalesce(to_json(v_request[v_i])::text, 'null') || ',"seq":' || v_seq || '}',
             'UTF8')), 'hex');
         v_seqs[v_i] := v_seq;
