@@ -55,26 +55,39 @@ def client_ip(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-async def current_principal(request: Request, ctx: ContextDep) -> Principal:
+def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("a valid bearer token is required")
-    principal = await run_in_threadpool(authenticate, ctx.engine, token.strip())
+    return token.strip()
+
+
+def authenticated(request: Request, principal: Principal | None) -> Principal:
+    """The caller `authenticate` found for the request's token; 401 when there is none."""
     if principal is None:
         raise Unauthorized("a valid bearer token is required")
     request.state.principal = principal
     return principal
 
 
+async def current_principal(request: Request, ctx: ContextDep) -> Principal:
+    token = bearer_token(request)
+    return authenticated(request, await run_in_threadpool(authenticate, ctx.engine, token))
+
+
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def check_scope(principal: Principal, scope: str) -> Principal:
+    if not principal.has(scope):
+        raise Forbidden(f"this call needs the {scope} scope")
+    return principal
 
 
 def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     async def check(principal: CurrentPrincipal) -> Principal:
-        if not principal.has(scope):
-            raise Forbidden(f"this call needs the {scope} scope")
-        return principal
+        return check_scope(principal, scope)
 
     check.__name__ = f"require_{scope.replace(':', '_')}"
     return check

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlmodel import Session
 
 from core.errors import Conflict, NotFound
@@ -64,22 +64,29 @@ def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> 
     """Resolve a bearer token; None for unknown, expired or revoked alike."""
     if not token_shaped(token):
         return None
-    digest = hash_token(token)
     with read_scope(engine) as conn:
-        row = conn.execute(
-            select(
-                ApiToken.id,  # type: ignore[call-overload]
-                ApiToken.token_hash,
-                ApiToken.scopes,
-                ApiToken.expires_at,
-                ApiToken.revoked_at,
-                Identity.id,
-                Identity.name,
-                Identity.kind,
-            )
-            .join(Identity, Identity.id == ApiToken.identity_id)
-            .where(ApiToken.token_hash == digest)
-        ).first()
+        return authenticate_on(conn, token, now=now)
+
+
+def authenticate_on(conn: Connection, token: str, *, now: datetime | None = None) -> Principal | None:
+    """`authenticate` on a connection the caller reads other things with (see store.db.read_scope)."""
+    if not token_shaped(token):
+        return None
+    digest = hash_token(token)
+    row = conn.execute(
+        select(
+            ApiToken.id,  # type: ignore[call-overload]
+            ApiToken.token_hash,
+            ApiToken.scopes,
+            ApiToken.expires_at,
+            ApiToken.revoked_at,
+            Identity.id,
+            Identity.name,
+            Identity.kind,
+        )
+        .join(Identity, Identity.id == ApiToken.identity_id)
+        .where(ApiToken.token_hash == digest)
+    ).first()
     if row is None or not token_usable(row[1], digest, row[4], row[3], now or utcnow()):
         return None
     return Principal(identity_id=row[5], name=row[6], kind=row[7], scopes=frozenset(row[2]), token_id=row[0])

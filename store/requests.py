@@ -8,14 +8,13 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 from sqlmodel import Session
 
 from core.errors import BadRequest, Conflict, Forbidden, NotFound, PolicyViolation
 from core.schemas import Artifact, PolicySnapshot, RequestState, SigningRequestInput, StepState
 from core.temporal import workflow_id_for
 from core.timeutil import as_utc, utcnow
-from store.db import read_scope
 from store.identities import Principal
 from store.models import Certificate, PreApproval, Signer, SigningPolicy, SigningRequest
 from store.policies import snapshot
@@ -33,12 +32,12 @@ def load_request(session: Session, request_id: str) -> SigningRequest:
     return row
 
 
-def read_state(engine: Engine, request_id: str) -> RequestState:
-    """The request as last written, read outside a transaction (see store.db.read_scope)."""
-    with read_scope(engine) as conn:
-        found = conn.execute(
-            select(SigningRequest.state).where(SigningRequest.id == request_id)  # type: ignore[call-overload]
-        ).first()
+def read_state(conn: Connection, request_id: str) -> RequestState:
+    """The request as last written, read on a connection the caller reads other things with
+    (store.db.read_scope)."""
+    found = conn.execute(
+        select(SigningRequest.state).where(SigningRequest.id == request_id)  # type: ignore[call-overload]
+    ).first()
     if found is None:
         raise NotFound("no such signing request")
     return RequestState.model_validate(found[0])

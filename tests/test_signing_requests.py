@@ -131,6 +131,23 @@ async def test_cancel_by_requester_and_not_by_others(api: Api) -> None:
     await api.call("POST", f"/pki/signing-requests/{req['id']}/cancel", requester, json={}, expect=409)
 
 
+async def test_deciding_an_unknown_request_checks_the_caller_first(api: Api) -> None:
+    """The caller and the request are read together; the answers keep their order: scope (403)
+    before the lookup (404)."""
+    approver = await api.identity()
+    requester = await api.identity(scopes=["codesign:request"])
+    for decision in ("approve", "reject"):
+        r = await api.call(
+            "POST", f"/pki/signing-requests/no-such-id/{decision}", requester, json={}, expect=403
+        )
+        assert r.json()["error"] == "forbidden"
+        r = await api.call(
+            "POST", f"/pki/signing-requests/no-such-id/{decision}", approver, json={}, expect=404
+        )
+        assert r.json()["error"] == "not_found"
+    await api.call("POST", "/pki/signing-requests/no-such-id/cancel", requester, json={}, expect=404)
+
+
 async def test_admin_may_cancel(api: Api) -> None:
     requester, _first, _release, _policy, signer = await _setup_two_step(api)
     req = await api.open_request(requester, signer["id"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,14 +17,17 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 from temporalio.service import RPCError
 
+from api.context import AppContext
 from api.deps import (
-    ApproverPrincipal,
     ContextDep,
     CurrentPrincipal,
     PageDep,
     RequesterPrincipal,
     TemporalDep,
     actor_of,
+    authenticated,
+    bearer_token,
+    check_scope,
     client_ip,
 )
 from api.schemas import ApiModel, Page
@@ -31,8 +36,8 @@ from core.errors import BadRequest, Forbidden, NotEligible, NotFound, RequestNot
 from core.metrics import DECISION_SECONDS, DECISIONS, SIGNING_REQUESTS_OPENED
 from core.schemas import TERMINAL_STATUSES, Artifact, DecisionInput, RequestState
 from store import audit
-from store.db import session_scope
-from store.identities import Principal
+from store.db import read_scope, session_scope
+from store.identities import Principal, authenticate_on
 from store.models import SigningRequest
 from store.requests import build_request, load_request, read_state, resubmission_ids, state_of
 
@@ -336,16 +341,52 @@ async def get_request(request_id: str, ctx: ContextDep, principal: CurrentPrinci
     return await run_in_threadpool(_detail, ctx.engine, request_id, principal)
 
 
+@dataclass(frozen=True)
+class Decider:
+    """The caller of a decision and the request as last written."""
+
+    principal: Principal
+    request: RequestState
+
+
+def _decider(scope: str | None) -> Callable[[str, Request, AppContext], Awaitable[Decider]]:
+    """Dependency: the caller (with `scope`) and the request it decides, read on one connection
+    in one trip to the thread pool (the checks answer as `current_principal`, the scope check
+    and `read_state` would, in that order)."""
+
+    async def resolve(request_id: str, request: Request, ctx: ContextDep) -> Decider:
+        token = bearer_token(request)
+
+        def read() -> tuple[Principal | None, RequestState | None]:
+            with read_scope(ctx.engine) as conn:
+                principal = authenticate_on(conn, token)
+                if principal is None or (scope is not None and not principal.has(scope)):
+                    return principal, None
+                return principal, read_state(conn, request_id)
+
+        principal, state = await run_in_threadpool(read)
+        principal = authenticated(request, principal)
+        if scope is not None:
+            check_scope(principal, scope)
+        assert state is not None
+        return Decider(principal=principal, request=state)
+
+    return resolve
+
+
+ApprovingDecider = Annotated[Decider, Depends(_decider("codesign:approve"))]
+AnyDecider = Annotated[Decider, Depends(_decider(None))]
+
+
 async def _decide(
     update: str,
-    request_id: str,
     body: DecisionBody | None,
     ctx: Any,
     temporal: Any,
-    principal: Principal,
+    decider: Decider,
     idempotency_key: str | None,
 ) -> RequestPublic:
-    state = await run_in_threadpool(read_state, ctx.engine, request_id)
+    principal, state = decider.principal, decider.request
     if update == "cancel" and not (principal.identity_id == state.requester_id or principal.is_admin):
         raise Forbidden("only the requester or an admin may cancel")
     if update != "cancel" and not _may_view(principal, state):
@@ -384,11 +425,11 @@ async def approve(
     request_id: str,
     ctx: ContextDep,
     temporal: TemporalDep,
-    principal: ApproverPrincipal,
+    decider: ApprovingDecider,
     body: DecisionBody | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> RequestPublic:
-    return await _decide("approve", request_id, body, ctx, temporal, principal, idempotency_key)
+    return await _decide("approve", body, ctx, temporal, decider, idempotency_key)
 
 
 @router.post("/pki/signing-requests/{request_id}/reject", response_model=RequestPublic)
@@ -396,11 +437,11 @@ async def reject(
     request_id: str,
     ctx: ContextDep,
     temporal: TemporalDep,
-    principal: ApproverPrincipal,
+    decider: ApprovingDecider,
     body: DecisionBody | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> RequestPublic:
-    return await _decide("reject", request_id, body, ctx, temporal, principal, idempotency_key)
+    return await _decide("reject", body, ctx, temporal, decider, idempotency_key)
 
 
 @router.post("/pki/signing-requests/{request_id}/cancel", response_model=RequestPublic)
@@ -408,11 +449,11 @@ async def cancel(
     request_id: str,
     ctx: ContextDep,
     temporal: TemporalDep,
-    principal: CurrentPrincipal,
+    decider: AnyDecider,
     body: DecisionBody | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> RequestPublic:
-    return await _decide("cancel", request_id, body, ctx, temporal, principal, idempotency_key)
+    return await _decide("cancel", body, ctx, temporal, decider, idempotency_key)
 
 
 @router.post("/pki/signing-requests/{request_id}/resubmit", status_code=201, response_model=RequestPublic)
