@@ -465,7 +465,7 @@ def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
     state = input.state
     with session_scope(engine) as session:
         if session.get_bind().dialect.name == "postgresql":
-            done = _record_approval_in_two_round_trips(session, input)
+            done = _record_approval_in_one_write(session, input)
             if done is not None:
                 return done
         found = _locked_version(session, state.id)
@@ -487,9 +487,14 @@ def record_approval(engine: Engine, input: RecordApprovalInput) -> IssuedGrant:
     return issued
 
 
-_PG_VERSION_AND_GRANT = text(
-    "SELECT r.version, g.id, g.valid_from, g.valid_until FROM signing_requests r"
-    " LEFT JOIN grants g ON g.request_id = r.id WHERE r.id = :id FOR UPDATE OF r"
+# The request row and the audit head locked, in that order (the order of the general path):
+# nothing else is read under the head's lock, and the one statement of writes that follows
+# sets it. The head is held from here to the commit, which is no longer than when it was
+# advanced by a statement of its own (one round trip fewer).
+_PG_VERSION_GRANT_AND_HEAD = text(
+    "SELECT r.version, g.id, g.valid_from, g.valid_until, h.seq, h.hash FROM signing_requests r"
+    " LEFT JOIN grants g ON g.request_id = r.id CROSS JOIN audit_head h"
+    " WHERE r.id = :id AND h.id = 1 FOR UPDATE OF r, h"
 )
 
 
@@ -507,25 +512,25 @@ _PG_REQUEST_ROW = (
     " state = CAST(:state AS json), signature = COALESCE(CAST(:signature AS text), signature)"
     " WHERE id = :id RETURNING 1)"
 )
-_PG_ADVANCE_HEAD = "UPDATE audit_head SET seq = seq + :count WHERE id = 1 RETURNING seq, hash"
+_PG_SET_HEAD = "UPDATE audit_head SET seq = :seq, hash = :hash WHERE id = 1"
 
 
 @functools.lru_cache(maxsize=4)
-def _pg_write_and_advance(insert_grant: bool, update_row: bool) -> Any:
+def _pg_writes(insert_grant: bool, update_row: bool) -> Any:
     """One PostgreSQL statement: the grant inserted and the request row updated (each if
-    asked), then the audit head advanced by :count, returning it. Nothing else waits on the
-    new grant, and the request row is locked already: the head stays the only contended lock."""
+    asked), the chained audit events inserted and the audit head set to the last of them."""
     parts = [cte for cte, wanted in ((_PG_NEW_GRANT, insert_grant), (_PG_REQUEST_ROW, update_row)) if wanted]
-    return text("WITH " + ", ".join(parts) + " " + _PG_ADVANCE_HEAD if parts else _PG_ADVANCE_HEAD)
+    return text("WITH " + ", ".join([*parts, audit.PG_INSERT_EVENTS_CTE]) + " " + _PG_SET_HEAD)
 
 
-def _record_approval_in_two_round_trips(session: Any, input: RecordApprovalInput) -> IssuedGrant | None:
+def _record_approval_in_one_write(session: Any, input: RecordApprovalInput) -> IssuedGrant | None:
     """`record_approval` on PostgreSQL, the same writes and events in fewer round trips: the
-    request row locked and read with its grant (one statement), the grant, the row and the
-    audit head's advance (one), the events and the head's hash (one), then COMMIT. None, having
-    written nothing, when the request has no row yet (the general path handles that)."""
+    request row and the audit head locked and read with the request's grant (one statement),
+    the grant, the row, the events and the head (one), then COMMIT. None, having written
+    nothing, when the request has no row yet (the general path handles that)."""
     state = input.state
-    found = session.execute(_PG_VERSION_AND_GRANT, {"id": state.id}).first()
+    conn = session.connection()
+    found = conn.execute(_PG_VERSION_GRANT_AND_HEAD, {"id": state.id}).first()
     if found is None:
         return None
     stored = int(found[0])
@@ -560,16 +565,20 @@ def _record_approval_in_two_round_trips(session: Any, input: RecordApprovalInput
         events += _note_events(state.id, notes)
     if not events:
         if grant_values is not None:
-            session.execute(insert(_GRANTS).values(**grant_values))
+            conn.execute(insert(_GRANTS).values(**grant_values))
         if row_values is not None:
             _update_row(session, state)
         return issued
-    params: dict[str, Any] = {"count": len(events), **(row_values or {})}
+    rows = audit.chained_rows(events, (int(found[4]), str(found[5])))
+    params: dict[str, Any] = {
+        **(row_values or {}),
+        "events": audit.pg_events_document(rows),
+        "seq": rows[-1]["seq"],
+        "hash": rows[-1]["hash"],
+    }
     if grant_values is not None:
         params.update({f"g_{k}": v for k, v in grant_values.items()})
-    statement = _pg_write_and_advance(grant_values is not None, row_values is not None)
-    head = session.execute(statement, params).one()
-    audit.record_many(session, events, head=(int(head[0]), str(head[1])))
+    conn.execute(_pg_writes(grant_values is not None, row_values is not None), params)
     return issued
 
 

@@ -156,10 +156,10 @@ class PendingEvent:
 
 _ADVANCE_HEAD = text("UPDATE audit_head SET seq = seq + :count WHERE id = 1 RETURNING seq, hash")
 _SET_HEAD_HASH = text("UPDATE audit_head SET hash = :h WHERE id = 1")
-# PostgreSQL: the events and the head's new hash in one statement (one round trip).
-_INSERT_EVENTS_SET_HEAD_HASH = text(
-    """
-WITH events AS (
+# PostgreSQL: chained rows (`pg_events_document`) inserted by a data-modifying CTE, which a
+# statement of other writes can carry.
+PG_INSERT_EVENTS_CTE = """
+events AS (
     INSERT INTO audit_events (id, seq, at, actor_id, actor_name, action, entity_type, entity_id,
         request_id, data, ip_address, prev_hash, hash)
     SELECT e.id, e.seq, e.at, e.actor_id, e.actor_name, e.action, e.entity_type, e.entity_id,
@@ -169,8 +169,10 @@ WITH events AS (
         request_id text, data json, ip_address text, prev_hash text, hash text)
     RETURNING 1
 )
-UPDATE audit_head SET hash = :h WHERE id = 1
 """
+# PostgreSQL: the events and the head's new hash in one statement (one round trip).
+_INSERT_EVENTS_SET_HEAD_HASH = text(
+    "WITH " + PG_INSERT_EVENTS_CTE + "UPDATE audit_head SET hash = :h WHERE id = 1"  # noqa: S608 (constants)
 )
 
 
@@ -232,18 +234,32 @@ def record_many(
     if not events:
         return
     last_seq, prev_hash = head if head is not None else advance_head(session, len(events))
-    seq = last_seq - len(events)
+    rows = chained_rows(events, (last_seq - len(events), prev_hash))
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            _INSERT_EVENTS_SET_HEAD_HASH, {"events": pg_events_document(rows), "h": rows[-1]["hash"]}
+        )
+        return
+    session.execute(insert(AuditEvent.__table__), rows)  # type: ignore[attr-defined]
+    session.execute(_SET_HEAD_HASH, {"h": rows[-1]["hash"]})
+
+
+def chained_rows(events: Sequence[PendingEvent], head: tuple[int, str]) -> list[dict[str, Any]]:
+    """The stored values of `events` appended in their order to a chain whose head is `head`
+    (seq, hash) before them: the caller holds the head's row lock, and sets the head to the
+    last row's seq and hash in the same transaction."""
+    seq, prev_hash = head
     rows: list[dict[str, Any]] = []
     for event in events:
         seq += 1
         rows.append(_chained_row(event, seq, prev_hash))
         prev_hash = rows[-1]["hash"]
-    if session.get_bind().dialect.name == "postgresql":
-        document = json.dumps([{**row, "at": rfc3339(row["at"])} for row in rows])
-        session.execute(_INSERT_EVENTS_SET_HEAD_HASH, {"events": document, "h": prev_hash})
-        return
-    session.execute(insert(AuditEvent.__table__), rows)  # type: ignore[attr-defined]
-    session.execute(_SET_HEAD_HASH, {"h": prev_hash})
+    return rows
+
+
+def pg_events_document(rows: Sequence[dict[str, Any]]) -> str:
+    """`chained_rows` as the :events parameter of PG_INSERT_EVENTS_CTE."""
+    return json.dumps([{**row, "at": rfc3339(row["at"])} for row in rows])
 
 
 class ChainedEvent(Protocol):
