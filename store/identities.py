@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, bindparam, select
 from sqlmodel import Session
 
 from core.errors import Conflict, NotFound
@@ -68,25 +68,29 @@ def authenticate(engine: Engine, token: str, *, now: datetime | None = None) -> 
         return authenticate_on(conn, token, now=now)
 
 
+# Built once: constructing the statement on every call cost more CPU (~0.25 ms) than running it.
+_TOKEN_LOOKUP = (
+    select(
+        ApiToken.id,  # type: ignore[call-overload]
+        ApiToken.token_hash,
+        ApiToken.scopes,
+        ApiToken.expires_at,
+        ApiToken.revoked_at,
+        Identity.id,
+        Identity.name,
+        Identity.kind,
+    )
+    .join(Identity, Identity.id == ApiToken.identity_id)
+    .where(ApiToken.token_hash == bindparam("digest"))
+)
+
+
 def authenticate_on(conn: Connection, token: str, *, now: datetime | None = None) -> Principal | None:
     """`authenticate` on a connection the caller reads other things with (see store.db.read_scope)."""
     if not token_shaped(token):
         return None
     digest = hash_token(token)
-    row = conn.execute(
-        select(
-            ApiToken.id,  # type: ignore[call-overload]
-            ApiToken.token_hash,
-            ApiToken.scopes,
-            ApiToken.expires_at,
-            ApiToken.revoked_at,
-            Identity.id,
-            Identity.name,
-            Identity.kind,
-        )
-        .join(Identity, Identity.id == ApiToken.identity_id)
-        .where(ApiToken.token_hash == digest)
-    ).first()
+    row = conn.execute(_TOKEN_LOOKUP, {"digest": digest}).first()
     if row is None or not token_usable(row[1], digest, row[4], row[3], now or utcnow()):
         return None
     return Principal(identity_id=row[5], name=row[6], kind=row[7], scopes=frozenset(row[2]), token_id=row[0])

@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 from sqlmodel import Session
 
 from core.errors import BadRequest, Conflict, Forbidden, NotFound, PolicyViolation
@@ -32,12 +32,13 @@ def load_request(session: Session, request_id: str) -> SigningRequest:
     return row
 
 
+_STATE_BY_ID = select(SigningRequest.state).where(SigningRequest.id == bindparam("request_id"))  # type: ignore[call-overload]
+
+
 def read_state(conn: Connection, request_id: str) -> RequestState:
     """The request as last written, read on a connection the caller reads other things with
     (store.db.read_scope)."""
-    found = conn.execute(
-        select(SigningRequest.state).where(SigningRequest.id == request_id)  # type: ignore[call-overload]
-    ).first()
+    found = conn.execute(_STATE_BY_ID, {"request_id": request_id}).first()
     if found is None:
         raise NotFound("no such signing request")
     return RequestState.model_validate(found[0])
