@@ -121,7 +121,10 @@ RETURNING id
 """  # noqa: S608
 # PostgreSQL (`_commit_pipelined`): the whole write side of a batch in one statement, run in
 # autocommit so it commits as it returns (migration 0002 defines the function).
-_RECORD_BATCH = "SELECT signgate_record_sign_batch(:batch::json, :at)"
+# With the security epoch the batch's reads were made at (migration 0003): a batch read at
+# another epoch is not recorded, the function answers {"stale": true}.
+_RECORD_BATCH = "SELECT signgate_record_sign_batch_at_epoch(:batch::json, :at, :epoch)"
+_EPOCH = "SELECT value FROM security_epoch WHERE id = 1"
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
     grant_id, request_id, client_metadata, ip_address, error)
@@ -358,13 +361,13 @@ class PostgresDatabase:
                 for cur in cursors:
                     cur.close()
 
-    def record_batch(self, batch: str, at: datetime) -> dict[str, list[str | None]]:
+    def record_batch(self, batch: str, at: datetime, epoch: int | None) -> dict[str, Any]:
         """`_RECORD_BATCH`: one round trip, COMMIT included, in autocommit (the sign path's own
         connections); on a connection in a transaction, COMMIT follows."""
-        found = self.rows(_RECORD_BATCH, {"batch": batch, "at": at})
+        found = self.rows(_RECORD_BATCH, {"batch": batch, "at": at, "epoch": epoch})
         if not self.conn.autocommit:
             self.conn.commit()
-        return cast(dict[str, list[str | None]], self.read_json(found[0][0]))
+        return cast(dict[str, Any], self.read_json(found[0][0]))
 
     def commit(self) -> None:
         self.conn.commit()
@@ -385,8 +388,92 @@ class PostgresDatabase:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
 
+class StaleReads(Exception):
+    """PostgreSQL recorded nothing: the batch's cached reads are from an older security epoch."""
+
+
+class ReadCache:
+    """The token and signer rows one API process last read, kept across batches while the
+    security epoch (migration 0003) stands still.
+
+    Triggers bump the epoch in the same transaction as any change to tokens, identities,
+    signers, certificates or memberships. On SQLite a batch reads the epoch (one short query)
+    instead of those rows; on PostgreSQL the statement that records the batch compares it and
+    records nothing if it moved, and the batch is read and signed again. Either way a revoked
+    token, an expired one (checked against each batch's own instant), a removed member or a
+    disabled signer is refused from the next batch on, as when every batch read the rows.
+
+    A signer row also says whether the caller had a usable grant, which changes without the
+    epoch: a cached row is taken to say yes (the write side settles it, under lock), except for
+    a signer and caller whose last batch was denied for want of one: those are read afresh, so
+    a caller without a grant is refused before anything is signed.
+    """
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self._rows: dict[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
+        self._no_grant: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def at(self, epoch: int) -> None:
+        """The epoch a batch just read: a newer one forgets everything read before it."""
+        with self._lock:
+            if self.epoch is None or epoch > self.epoch:
+                self._rows.clear()
+                self._no_grant.clear()
+                self.epoch = epoch
+
+    def forget(self) -> None:
+        with self._lock:
+            self._rows.clear()
+            self._no_grant.clear()
+            self.epoch = None
+
+    def get(self, epoch: int | None, key: tuple[str, tuple[Any, ...]]) -> list[tuple[Any, ...]] | None:
+        with self._lock:
+            if epoch is None or epoch != self.epoch:
+                return None
+            found = self._rows.get(key)
+            if found is None or key[0] != _SIGNER or not found:
+                return found
+            if _pair(key) in self._no_grant:
+                return None
+        # Taken to have a usable grant in sight (see above).
+        return [(*found[0][:11], 1, *found[0][12:])]
+
+    def store(self, epoch: int | None, key: tuple[str, tuple[Any, ...]], rows: list[tuple[Any, ...]]) -> None:
+        """Rows read at `epoch`, kept only if that is still the cache's epoch."""
+        with self._lock:
+            if epoch is None or epoch != self.epoch:
+                return
+            if len(self._rows) >= self.LIMIT:
+                self._rows.clear()
+            if key[0] == _SIGNER and rows:
+                if rows[0][11] is None:
+                    self._no_grant.add(_pair(key))
+                else:
+                    self._no_grant.discard(_pair(key))
+            self._rows[key] = rows
+
+    def denied(self, attempts: Sequence[_Attempt]) -> None:
+        """Note the signers and callers refused for want of a grant: read them afresh next time."""
+        with self._lock:
+            for attempt in attempts:
+                if attempt.status == "denied" and isinstance(attempt.refusal, ApprovalRequired):
+                    self._no_grant.add((attempt.key.signer_id, attempt.actor.id or ""))
+
+
+def _pair(key: tuple[str, tuple[Any, ...]]) -> tuple[str, str]:
+    """The (signer, caller) of a cached signer read."""
+    params = dict(key[1])
+    return str(params["signer_id"]), str(params["identity_id"])
+
+
 class _BatchReads:
-    """Phase 1's reads of callers and signers, each asked once per batch.
+    """Phase 1's reads of callers and signers, each asked once per batch, and across batches
+    from a `ReadCache` when one is given (with the epoch this batch read).
 
     The calls of one batch share one instant (`now`), so the same token or the same signer and
     caller read twice would read the same; on PostgreSQL they are fetched ahead, in pipelines.
@@ -395,33 +482,49 @@ class _BatchReads:
 
     MEMO = frozenset({_CALLER, _SIGNER})
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: ReadCache | None = None, epoch: int | None = None) -> None:
         self.db = db
+        self.cache = cache
+        self.epoch = epoch
         self.answers: dict[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
 
     @staticmethod
     def _key(sql: str, params: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
         return sql, tuple(sorted(params.items()))
 
+    @staticmethod
+    def cache_key(sql: str, params: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        return sql, tuple(sorted((k, v) for k, v in params.items() if k != "now"))
+
     def remember(self, sql: str, params: dict[str, Any], rows: list[tuple[Any, ...]]) -> None:
         self.answers[self._key(sql, params)] = rows
+        if self.cache is not None:
+            self.cache.store(self.epoch, self.cache_key(sql, params), rows)
 
     def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         if sql not in self.MEMO:
             return self.db.rows(sql, params)
         key = self._key(sql, params)
         found = self.answers.get(key)
+        if found is None and self.cache is not None:
+            found = self.cache.get(self.epoch, self.cache_key(sql, params))
+            if found is not None:
+                self.answers[key] = found
         if found is None:
-            found = self.answers[key] = self.db.rows(sql, params)
+            found = self.db.rows(sql, params)
+            self.remember(sql, params, found)
         return found
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
 
 
-def _prefetch(db: PostgresDatabase, calls: Sequence[SignCall], now: datetime) -> _BatchReads:
-    """Phase 1's token and signer reads for every call of the batch, in one round trip."""
-    ahead = _BatchReads(db)
+def _prefetch(
+    db: PostgresDatabase, calls: Sequence[SignCall], now: datetime, cache: ReadCache | None
+) -> _BatchReads:
+    """Phase 1's token and signer reads for every call of the batch, in one round trip, unless
+    the cache holds them all."""
+    ahead = _BatchReads(db, cache, cache.epoch if cache is not None else None)
     hashes = {call.token: hash_token(call.token) for call in calls if call.token and token_shaped(call.token)}
     wanted = [
         {"signer_id": signer_id, "token_hash": digest, "now": now}
@@ -429,12 +532,19 @@ def _prefetch(db: PostgresDatabase, calls: Sequence[SignCall], now: datetime) ->
             (call.signer_id, hashes[call.token]) for call in calls if call.token in hashes
         }
     ]
-    if len(wanted) == 1:
-        answers = [db.rows(_CALLER_AND_SIGNER, wanted[0])]
-    elif wanted:
-        answers = db.rows_pipelined([(_CALLER_AND_SIGNER, wanted)])[0]
-    else:
+    if not wanted or (cache is not None and all(_cached(ahead, params) for params in wanted)):
         return ahead
+    if cache is None:
+        answers = (
+            [db.rows(_CALLER_AND_SIGNER, wanted[0])]
+            if len(wanted) == 1
+            else db.rows_pipelined([(_CALLER_AND_SIGNER, wanted)])[0]
+        )
+    else:
+        # The epoch first: the rows are then at least as new as the epoch they are kept under.
+        epoch_rows, answers = db.rows_pipelined([(_EPOCH, [{}]), (_CALLER_AND_SIGNER, wanted)])
+        ahead.epoch = int(epoch_rows[0][0][0])
+        cache.at(ahead.epoch)
     for params, rows in zip(wanted, answers, strict=True):
         ahead.remember(_CALLER, {"token_hash": params["token_hash"]}, [row[:6] for row in rows])
         if rows:
@@ -442,6 +552,18 @@ def _prefetch(db: PostgresDatabase, calls: Sequence[SignCall], now: datetime) ->
             key = {"signer_id": params["signer_id"], "identity_id": rows[0][4], "now": db.time(now)}
             ahead.remember(_SIGNER, key, signer)
     return ahead
+
+
+def _cached(reads: _BatchReads, params: dict[str, Any]) -> bool:
+    """Whether the cache holds the caller and signer rows for one (signer, token) of a batch."""
+    assert reads.cache is not None
+    found = reads.cache.get(reads.epoch, _BatchReads.cache_key(_CALLER, {"token_hash": params["token_hash"]}))
+    if found is None:
+        return False
+    if not found:
+        return True
+    signer_key = {"signer_id": params["signer_id"], "identity_id": found[0][4]}
+    return reads.cache.get(reads.epoch, _BatchReads.cache_key(_SIGNER, signer_key)) is not None
 
 
 def open_database(engine: Engine) -> SqliteDatabase | PostgresDatabase:
@@ -806,9 +928,9 @@ def _outcome(attempt: _Attempt) -> Outcome:
     )
 
 
-def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
+def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime, epoch: int | None = None) -> None:
     if isinstance(db, PostgresDatabase):
-        _commit_pipelined(db, attempts, now)
+        _commit_pipelined(db, attempts, now, epoch)
         return
     assert isinstance(db, SqliteDatabase)
     db.begin_write()
@@ -820,7 +942,9 @@ def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
         raise
 
 
-def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: datetime) -> None:
+def _commit_pipelined(
+    db: PostgresDatabase, attempts: Sequence[_Attempt], now: datetime, epoch: int | None
+) -> None:
     """Phase 2 on PostgreSQL: one statement, `signgate_record_sign_batch`, that commits as it
     returns (autocommit).
 
@@ -831,12 +955,15 @@ def _commit_pipelined(db: PostgresDatabase, attempts: Sequence[_Attempt], now: d
     chained events inserted. The locks are held only while that statement runs: no round trip
     and no wait for this process's GIL falls inside them.
 
-    Only after it has committed does any caller get an answer.
+    Only after it has committed does any caller get an answer. With `epoch` (the reads came
+    from a `ReadCache`), nothing is recorded if the security epoch has moved: StaleReads.
     """
     groups = sorted(
         _grant_groups(attempts).items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or "")
     )
-    result = db.record_batch(_batch_document(attempts, groups, now), now)
+    result = db.record_batch(_batch_document(attempts, groups, now), now, epoch)
+    if result.get("stale"):
+        raise StaleReads
     settled = zip(attempts, result["status"], result["grant"], result["request"], strict=True)
     for attempt, status, grant_id, request_id in settled:
         if attempt.refusal is None and attempt.needs_grant:
@@ -967,6 +1094,8 @@ class PreparedBatch:
     outcomes: list[Outcome | None]
     attempts: list[_Attempt]
     failed: BaseException | None = None
+    epoch: int | None = None  # PostgreSQL: the security epoch its reads are from, if cached
+    cache: ReadCache | None = None
 
 
 def prepare_batch(
@@ -974,17 +1103,27 @@ def prepare_batch(
     key_store: CachingKeyStore,
     calls: Sequence[SignCall],
     key_algorithms: dict[str, str] | None = None,
+    cache: ReadCache | None = None,
 ) -> PreparedBatch:
     """Phase 1 of a batch: its reads and signatures, with no write lock taken."""
     now = utcnow()
-    prepared = PreparedBatch(now=now, outcomes=[None] * len(calls), attempts=[])
+    prepared = PreparedBatch(now=now, outcomes=[None] * len(calls), attempts=[], cache=cache)
     try:
-        reads: Database = (
-            _prefetch(db, calls, now) if isinstance(db, PostgresDatabase) else cast(Database, _BatchReads(db))
-        )
+        reads: _BatchReads
+        if isinstance(db, PostgresDatabase):
+            reads = _prefetch(db, calls, now, cache)
+            prepared.epoch = reads.epoch
+        elif cache is not None:
+            epoch = int(db.rows(_EPOCH, {})[0][0])
+            cache.at(epoch)
+            reads = _BatchReads(db, cache, epoch)
+        else:
+            reads = _BatchReads(db)
         for index, call in enumerate(calls):
             try:
-                prepared.attempts.append(_prepare(reads, key_store, call, index, now, key_algorithms))
+                prepared.attempts.append(
+                    _prepare(cast(Database, reads), key_store, call, index, now, key_algorithms)
+                )
             except SigngateError as exc:
                 prepared.outcomes[index] = exc
     except Exception as exc:
@@ -993,7 +1132,10 @@ def prepare_batch(
 
 
 def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
-    """Phase 2 of a batch: record its attempts in one write transaction; then every answer."""
+    """Phase 2 of a batch: record its attempts in one write transaction; then every answer.
+
+    StaleReads (PostgreSQL, reads from a `ReadCache`): nothing was recorded and the cache is
+    emptied; prepare the batch again."""
     outcomes, attempts, now = prepared.outcomes, prepared.attempts, prepared.now
     try:
         if prepared.failed is not None:
@@ -1003,14 +1145,23 @@ def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
             db.rollback()
             return cast(list[Outcome], outcomes)
         try:
-            _commit(db, attempts, now)
+            _commit(db, attempts, now, prepared.epoch)
+        except StaleReads:
+            if prepared.cache is not None:
+                prepared.cache.forget()
+            raise
         except Exception as exc:
             if is_connectivity_error(exc) or len(attempts) == 1:
                 raise
             log.warning("a sign batch of %d failed (%s); retrying one call at a time", len(attempts), exc)
             for attempt in attempts:
                 try:
-                    _commit(db, [attempt], now)
+                    _commit(db, [attempt], now, prepared.epoch)
+                except StaleReads:
+                    # Others of the batch may be recorded already: this one alone is not.
+                    attempt.signature = None
+                    attempt.refusal = Unavailable("the signer's settings changed during the call; retry it")
+                    attempt.status = "error"
                 except Exception as single:
                     if is_connectivity_error(single):
                         raise
@@ -1018,6 +1169,8 @@ def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
                     attempt.signature = None
                     attempt.refusal = SigningFailed("the signature could not be recorded")
                     attempt.status = "error"
+    except StaleReads:
+        raise
     except Exception as exc:
         try:
             db.rollback()
@@ -1074,6 +1227,7 @@ class SignBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="sign-batch")
         self._lock = threading.Lock()
         self._closed = False
+        self._cache = ReadCache()
         self._on_loop_allowed = engine.url.get_backend_name() == "sqlite"
         self._checkpointer: WalCheckpointer | None = None
         # signer id -> key algorithm, as the last batch that reached the signer saw it.
@@ -1113,7 +1267,7 @@ class SignBatcher:
             if isinstance(db, SqliteDatabase):
                 # Reads and ECDSA signatures on the loop, without the writers' lock, which is
                 # only taken for the write transaction (`_write_when_free`).
-                prepared = prepare_batch(db, self.key_store, calls, self._key_algorithms)
+                prepared = prepare_batch(db, self.key_store, calls, self._key_algorithms, self._cache)
                 self._write_when_free(loop, batch, db, prepared)
                 return
             self._checkin(db)
@@ -1150,12 +1304,15 @@ class SignBatcher:
             outcomes = commit_batch(db, prepared)
             if self._checkpointer is not None:
                 self._checkpointer.dirty = True
+        except StaleReads:
+            raise  # nothing was recorded; the connection stays with the caller
         except BaseException:
             _close_quietly(db)
             raise
         finally:
             if isinstance(db, SqliteDatabase):
                 db.unlock()
+        self._cache.denied(prepared.attempts)
         self._checkin(db)
         return outcomes
 
@@ -1195,6 +1352,13 @@ class SignBatcher:
 
     def _run(self, calls: list[SignCall]) -> list[Outcome]:
         db = self._checkout()
+        for _ in range(2):
+            prepared = prepare_batch(db, self.key_store, calls, self._key_algorithms, self._cache)
+            try:
+                return self._record(db, prepared)
+            except StaleReads:
+                continue  # read and sign again
+        # Settings changing under every try: read everything for this batch, as without a cache.
         return self._record(db, prepare_batch(db, self.key_store, calls, self._key_algorithms))
 
     def _finish(

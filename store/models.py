@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from core.timeutil import utcnow
@@ -174,6 +174,16 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(primary_key=True)
     seq: int = 0
     hash: str = Field(max_length=64)
+
+
+class SecurityEpoch(SQLModel, table=True):
+    """One row: a counter that triggers bump on any change to tokens, identities, signers,
+    certificates or memberships (migration 0003); the sign path's cached reads are valid while
+    it stands still."""
+
+    __tablename__ = "security_epoch"
+    id: int = Field(primary_key=True)
+    value: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
 
 
 class AuditEvent(SQLModel, table=True):

@@ -13,6 +13,7 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlmodel import Session
 
@@ -410,3 +411,161 @@ async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
         batcher.close()
     assert len(checkpoints) >= 2  # and once more on closing
     assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 3}
+
+
+async def test_cached_reads_follow_every_change_to_tokens_members_and_signers(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """The batcher keeps token and signer rows across batches; any change to them (here through
+    the API, from another connection) is seen by the very next call, on both databases."""
+    member = await api.identity(scopes=["codesign:sign"])
+    other = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member, other])
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    try:
+        for _ in range(3):  # the cache is warm
+            assert isinstance(await batcher.sign(call(member, signer["id"])), SignResult)
+            assert isinstance(await batcher.sign(call(other, signer["id"])), SignResult)
+
+        with Session(engine) as session:
+            token_id = session.execute(
+                select(ApiToken.id).where(ApiToken.identity_id == member.id)
+            ).scalar_one()  # type: ignore[call-overload]
+        await api.call("DELETE", f"/identities/{member.id}/tokens/{token_id}", api.admin, expect=204)
+        with pytest.raises(Unauthorized):
+            await batcher.sign(call(member, signer["id"]))
+
+        await api.call(
+            "PUT", f"/pki/signers/{signer['id']}/members", api.admin, json={"identityIds": []}, expect=200
+        )
+        with pytest.raises(Forbidden):
+            await batcher.sign(call(other, signer["id"]))
+
+        await api.call(
+            "PUT",
+            f"/pki/signers/{signer['id']}/members",
+            api.admin,
+            json={"identityIds": [other.id]},
+            expect=200,
+        )
+        assert isinstance(await batcher.sign(call(other, signer["id"])), SignResult)
+        await api.call(
+            "PATCH", f"/pki/signers/{signer['id']}", api.admin, json={"status": "disabled"}, expect=200
+        )
+        with pytest.raises(SigngateError) as refused:
+            await batcher.sign(call(other, signer["id"]))
+        assert refused.value.code == "signer_disabled"
+    finally:
+        batcher.close()
+    assert chain_report(engine).valid
+
+
+async def test_a_caller_refused_for_want_of_a_grant_is_read_afresh(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """A grant appears without any change the cache watches: a caller refused for want of one
+    is refused before signing until it has one, then signs at once."""
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    first = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=2)
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    try:
+        for _ in range(2):
+            assert (await batcher.sign(call(member, signer["id"]))).grant_id == first
+        for _ in range(2):
+            with pytest.raises(ApprovalRequired):
+                await batcher.sign(call(member, signer["id"]))
+        second = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=1)
+        assert (await batcher.sign(call(member, signer["id"]))).grant_id == second
+    finally:
+        batcher.close()
+    statuses = [op.status for op in sorted(operations_of(engine, signer["id"]), key=lambda op: op.id)]
+    assert statuses == ["success", "success", "denied", "denied", "success"]
+
+
+async def test_a_batch_read_before_a_change_is_recorded_only_after_reading_again(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """PostgreSQL checks the epoch in the statement that records a batch: a batch prepared from
+    cached reads, then a revocation, then the record: nothing is recorded and the batcher reads
+    again (the revoked caller is refused, the other signs once). SQLite reads the epoch when a
+    batch is prepared, with the write lock's ordering."""
+    from store.fastsign import ReadCache, StaleReads, commit_batch, prepare_batch
+
+    member = await api.identity(scopes=["codesign:sign"])
+    other = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member, other])
+    grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=10)
+    cache = ReadCache()
+    key_store = app.state.ctx.key_store
+    db = open_database(engine)
+    try:
+        assert isinstance(
+            commit_batch(db, prepare_batch(db, key_store, [call(member, signer["id"])], None, cache))[0],
+            SignResult,
+        )
+        prepared = prepare_batch(db, key_store, [call(member, signer["id"])], None, cache)
+        with Session(engine) as session:
+            token_id = session.execute(
+                select(ApiToken.id).where(ApiToken.identity_id == member.id)
+            ).scalar_one()  # type: ignore[call-overload]
+        await api.call("DELETE", f"/identities/{member.id}/tokens/{token_id}", api.admin, expect=204)
+        if isinstance(db, SqliteDatabase):
+            assert isinstance(commit_batch(db, prepared)[0], SignResult)  # prepared before the change
+        else:
+            with pytest.raises(StaleReads):
+                commit_batch(db, prepared)
+        outcome = commit_batch(db, prepare_batch(db, key_store, [call(member, signer["id"])], None, cache))[0]
+        assert isinstance(outcome, Unauthorized)
+    finally:
+        db.close()
+    with Session(engine) as session:
+        grant = session.get(Grant, grant_id)
+        assert grant is not None
+        used = grant.used_sign_operations
+    successes = [op for op in operations_of(engine, signer["id"]) if op.status == "success"]
+    assert used == len(successes) == (2 if isinstance(db, SqliteDatabase) else 1)
+    assert chain_report(engine).valid
+
+
+async def test_the_batcher_signs_again_when_the_epoch_moved_under_a_batch(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """A change between a batch's reads and its record: on PostgreSQL the batcher reads and
+    signs again and records each call once; SQLite's batches read the epoch as they start."""
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=10)
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    original = batcher._record
+    records: list[int | None] = []
+
+    def bump_once(db: Any, prepared: PreparedBatch) -> Any:
+        records.append(prepared.epoch)
+        if len(records) == 2:  # a change lands between this batch's reads and its record
+            with Session(engine) as session:
+                session.execute(
+                    update(Identity).where(Identity.id == member.id).values(email="x@example.org")
+                )  # type: ignore[arg-type]
+                session.commit()
+        return original(db, prepared)
+
+    batcher._record = bump_once  # type: ignore[method-assign]
+    try:
+        results = [await batcher.sign(call(member, signer["id"])) for _ in range(3)]
+    finally:
+        batcher.close()
+    assert [r.grant_id for r in results] == [grant_id] * 3
+    assert len({r.operation_id for r in results}) == 3
+    assert [op.status for op in operations_of(engine, signer["id"])] == ["success"] * 3
+    with Session(engine) as session:
+        grant = session.get(Grant, grant_id)
+        assert grant is not None and grant.used_sign_operations == 3
+    if engine.url.get_backend_name() == "postgresql":
+        # The second batch was recorded on its second try, from reads at the new epoch.
+        first, second, again = records[:3]
+        assert len(records) == 4 and second == first and second is not None and again is not None
+        assert again > second
+    else:
+        assert len(records) == 3
+    assert chain_report(engine).valid
