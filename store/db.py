@@ -90,10 +90,13 @@ def _idle_connection_usable(dbapi_connection: Any) -> bool:
             return False
         if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             return False
-        readable, _, _ = select.select([pgconn.socket], [], [], 0)
+        # poll, not select: a busy API process may hold descriptors past select's limit.
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
+        events = poller.poll(0)
     except (OSError, ValueError, psycopg.Error):
         return False
-    return not readable
+    return not events
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from collections.abc import Iterator
 
@@ -76,3 +78,24 @@ def test_connections_the_server_ended_are_replaced_on_checkout(own_engine: Engin
     with session_scope(own_engine) as session:
         seen.add(int(session.execute(text("SELECT pg_backend_pid()")).scalar_one()))
     assert not seen & pids
+
+
+@pg_only
+def test_the_checkout_test_works_past_select_s_descriptor_limit(settings: Settings, engine: Engine) -> None:
+    """A busy API process holds many sockets: a pooled connection's descriptor may be past
+    FD_SETSIZE (1024), where select() fails; the checkout test must still tell it usable."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"the open-files limit ({soft}) leaves no room past 1024")
+    null = os.open(os.devnull, os.O_RDONLY)
+    spare = [os.dup(null) for _ in range(1100)]
+    try:
+        high = make_engine(settings.effective_database_url, pool_size=1)
+        try:
+            first = _backend_pid(high)
+            assert _backend_pid(high) == first  # the same connection, found usable on checkout
+        finally:
+            high.dispose()
+    finally:
+        for fd in (null, *spare):
+            os.close(fd)
