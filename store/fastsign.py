@@ -123,7 +123,7 @@ RETURNING id
 # autocommit so it commits as it returns (migration 0002 defines the function).
 # With the security epoch the batch's reads were made at (migration 0003): a batch read at
 # another epoch is not recorded, the function answers {"stale": true}.
-_RECORD_BATCH = "SELECT signgate_record_sign_batch_at_epoch(:batch::json, :at, :epoch)"
+_RECORD_BATCH = "SELECT signgate_record_sign_batch_at_epoch(:batch::jsonb, :at, :epoch)"
 _EPOCH = "SELECT value FROM security_epoch WHERE id = 1"
 _INSERT_OPERATION = """
 INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_algorithm, data_sha256,
@@ -984,6 +984,7 @@ def _batch_document(
     position = {id(attempt): index for index, attempt in enumerate(attempts)}
     grouped = {id(attempt) for _, members in groups for attempt in members}
     heads: dict[tuple[str | None, str | None], str] = {}
+    signatures = False
     afters: dict[tuple[str, str, str], str] = {}
     documents = []
     for attempt in attempts:
@@ -997,7 +998,7 @@ def _batch_document(
             "ip_address": actor.ip_address,
         }
         if attempt.call.client_metadata is not None:
-            operation["client_metadata"] = attempt.call.client_metadata
+            operation["client_metadata"] = json.dumps(attempt.call.client_metadata)
         head = heads.get((actor.id, actor.name))
         if head is None:
             head = heads[(actor.id, actor.name)] = _canonical(
@@ -1043,9 +1044,10 @@ def _batch_document(
         if attempt.call.store_signature_on_request is not None and attempt.signature is not None:
             document["sig_req"] = attempt.call.store_signature_on_request
             document["sig"] = base64.b64encode(attempt.signature).decode()
+            signatures = True
         documents.append(document)
     denied = _approval_required().description
-    batch = {
+    batch: dict[str, Any] = {
         "groups": [
             {
                 "signer_id": signer_id,
@@ -1059,6 +1061,8 @@ def _batch_document(
         "denied": denied,
         "denied_json": _canonical(denied),
     }
+    if signatures:
+        batch["signatures"] = True
     return json.dumps(batch, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -479,7 +479,7 @@ async def test_a_caller_refused_for_want_of_a_grant_is_read_afresh(
         assert (await batcher.sign(call(member, signer["id"]))).grant_id == second
     finally:
         batcher.close()
-    statuses = [op.status for op in sorted(operations_of(engine, signer["id"]), key=lambda op: op.id)]
+    statuses = [op.status for op in sorted(operations_of(engine, signer["id"]), key=lambda op: op.at)]
     assert statuses == ["success", "success", "denied", "denied", "success"]
 
 

@@ -4,7 +4,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-24 17:40:00
 
-`signgate_record_sign_batch(batch json, at timestamptz)` does, on the server, what the sign path
+`signgate_record_sign_batch(batch jsonb, at timestamptz)` does, on the server, what the sign path
 did in two round trips with the grants and the audit head locked in between: it locks each
 group's usable grants in the order they are spent and settles which attempts get an operation,
 takes those operations, inserts the signing-operation rows, advances the audit chain (one event
@@ -16,15 +16,16 @@ does not need it: there the batch runs in-process under the database's write loc
 The batch (built by `store.fastsign._batch_document`):
   groups: [{signer_id, identity_id, grant_id (pinned or null), members: [attempt index]}],
           in the order their grants are locked;
-  attempts: [{op: {id, signer_id, actor_id, signing_algorithm, data_sha256, client_metadata?,
-                   ip_address},
+  attempts: [{op: {id, signer_id, actor_id, signing_algorithm, data_sha256, ip_address,
+                   client_metadata?: the caller's JSON as text, stored as sent},
               ev: {id, actor_id, actor_name, ip_address},
               h, d1, q: the event's canonical text between the action and the data, after the
                   grant id, and after the data,
               fixed?: {status, grant_id, request_id, error, error_json}: settled by the caller
                   (otherwise the attempt belongs to a group and is settled here),
               sig_req?, sig?: a signature to keep on a request if the attempt succeeds}],
-  denied, denied_json: the error of an attempt denied here, as text and as JSON text.
+  denied, denied_json: the error of an attempt denied here, as text and as JSON text;
+  signatures?: present when some attempt carries a signature to keep.
 Returns {"status": [...], "grant": [...], "request": [...]}, one entry per attempt.
 """
 
@@ -36,12 +37,12 @@ branch_labels = None
 depends_on = None
 
 FUNCTION = r"""
-CREATE OR REPLACE FUNCTION signgate_record_sign_batch(p_batch json, p_at timestamptz)
+CREATE OR REPLACE FUNCTION signgate_record_sign_batch(p_batch jsonb, p_at timestamptz)
 RETURNS json
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_doc jsonb := p_batch::jsonb;
+    v_doc jsonb := p_batch;
     v_attempts jsonb := v_doc -> 'attempts';
     v_n int := jsonb_array_length(v_attempts);
     v_status text[] := array_fill(NULL::text, ARRAY[v_n]);
@@ -131,9 +132,9 @@ BEGIN
         data_sha256, grant_id, request_id, client_metadata, ip_address, error)
     SELECT x.a -> 'op' ->> 'id', p_at, x.a -> 'op' ->> 'signer_id', x.a -> 'op' ->> 'actor_id',
         v_status[x.i], x.a -> 'op' ->> 'signing_algorithm', x.a -> 'op' ->> 'data_sha256',
-        v_grant[x.i], v_request[x.i], x.a -> 'op' -> 'client_metadata',
+        v_grant[x.i], v_request[x.i], (x.a -> 'op' ->> 'client_metadata')::json,
         x.a -> 'op' ->> 'ip_address', v_error[x.i]
-    FROM json_array_elements(p_batch -> 'attempts') WITH ORDINALITY AS x(a, i);
+    FROM jsonb_array_elements(v_attempts) WITH ORDINALITY AS x(a, i);
 
     -- The audit head is the last lock taken.
     UPDATE audit_head SET seq = seq + v_n WHERE id = 1 RETURNING seq, hash INTO v_seq, v_prev;
@@ -165,9 +166,11 @@ BEGIN
     FROM jsonb_array_elements(v_attempts) WITH ORDINALITY AS x(a, i);
     UPDATE audit_head SET hash = v_prev WHERE id = 1;
 
-    UPDATE signing_requests r SET signature = x.a ->> 'sig'
-    FROM jsonb_array_elements(v_attempts) WITH ORDINALITY AS x(a, i)
-    WHERE x.a ->> 'sig_req' IS NOT NULL AND v_status[x.i] = 'success' AND r.id = x.a ->> 'sig_req';
+    IF v_doc ? 'signatures' THEN
+        UPDATE signing_requests r SET signature = x.a ->> 'sig'
+        FROM jsonb_array_elements(v_attempts) WITH ORDINALITY AS x(a, i)
+        WHERE x.a ->> 'sig_req' IS NOT NULL AND v_status[x.i] = 'success' AND r.id = x.a ->> 'sig_req';
+    END IF;
 
     RETURN json_build_object('status', v_status, 'grant', v_grant, 'request', v_request);
 END
@@ -182,4 +185,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP FUNCTION IF EXISTS signgate_record_sign_batch(json, timestamptz)")
+        op.execute("DROP FUNCTION IF EXISTS signgate_record_sign_batch(jsonb, timestamptz)")

@@ -35,7 +35,7 @@ $fn$
 """
 
 PG_CHECK = """
-CREATE OR REPLACE FUNCTION signgate_record_sign_batch_at_epoch(p_batch json, p_at timestamptz, p_epoch bigint)
+CREATE OR REPLACE FUNCTION signgate_record_sign_batch_at_epoch(p_batch jsonb, p_at timestamptz, p_epoch bigint)
 RETURNS json
 LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -79,7 +79,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         for table in TABLES:
             op.execute(f"DROP TRIGGER IF EXISTS security_epoch_{table} ON {table}")
-        op.execute("DROP FUNCTION IF EXISTS signgate_record_sign_batch_at_epoch(json, timestamptz, bigint)")
+        op.execute("DROP FUNCTION IF EXISTS signgate_record_sign_batch_at_epoch(jsonb, timestamptz, bigint)")
         op.execute("DROP FUNCTION IF EXISTS signgate_bump_security_epoch()")
     else:
         for table in TABLES:
