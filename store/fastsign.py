@@ -10,8 +10,10 @@ A batch runs in two phases on one connection:
    the caller's membership, the input, the signer's state and, under a policy, whether a grant
    could serve it. A token or a signer read for one call of the batch is not read again for
    the next (they share one instant); on PostgreSQL the caller and the signer come back in one
-   statement. Calls that pass are signed now, outside the write lock, so the processes of one
-   API never queue behind each other's RSA signatures.
+   statement. The API's batcher keeps those rows across batches while the security epoch
+   (migration 0003, bumped by triggers on any change to them) stands still (`ReadCache`).
+   Calls that pass are signed now, outside the write lock, so the processes of one API never
+   queue behind each other's RSA signatures.
 2. One write transaction: the calls for one signer and caller take their grant operations
    together, from the grant that ends first, then the next (no grant is ever overspent,
    whatever runs concurrently: SQLite holds its write lock, BEGIN IMMEDIATE; PostgreSQL locks
