@@ -452,7 +452,7 @@ class ReadCache:
                 return
             if len(self._rows) >= self.LIMIT:
                 self._rows.clear()
-            if key[0] == _SIGNER and rows:
+            if key[0] == _SIGNER and rows and rows[0][3] is not None:  # under a policy
                 if rows[0][11] is None:
                     self._no_grant.add(_pair(key))
                 else:
@@ -488,6 +488,7 @@ class _BatchReads:
         self.db = db
         self.cache = cache
         self.epoch = epoch
+        self.from_cache = False  # PostgreSQL: no rows were read for this batch
         self.answers: dict[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
 
     @staticmethod
@@ -522,10 +523,15 @@ class _BatchReads:
 
 
 def _prefetch(
-    db: PostgresDatabase, calls: Sequence[SignCall], now: datetime, cache: ReadCache | None
+    db: PostgresDatabase,
+    calls: Sequence[SignCall],
+    now: datetime,
+    cache: ReadCache | None,
+    *,
+    fresh: bool = False,
 ) -> _BatchReads:
     """Phase 1's token and signer reads for every call of the batch, in one round trip, unless
-    the cache holds them all."""
+    the cache holds them all (and `fresh` is not asked for)."""
     ahead = _BatchReads(db, cache, cache.epoch if cache is not None else None)
     hashes = {call.token: hash_token(call.token) for call in calls if call.token and token_shaped(call.token)}
     wanted = [
@@ -534,7 +540,10 @@ def _prefetch(
             (call.signer_id, hashes[call.token]) for call in calls if call.token in hashes
         }
     ]
-    if not wanted or (cache is not None and all(_cached(ahead, params) for params in wanted)):
+    if not wanted:
+        return ahead
+    if cache is not None and not fresh and all(_cached(ahead, params) for params in wanted):
+        ahead.from_cache = True
         return ahead
     if cache is None:
         answers = (
@@ -1110,14 +1119,20 @@ def prepare_batch(
     calls: Sequence[SignCall],
     key_algorithms: dict[str, str] | None = None,
     cache: ReadCache | None = None,
+    *,
+    fresh: bool = False,
 ) -> PreparedBatch:
-    """Phase 1 of a batch: its reads and signatures, with no write lock taken."""
+    """Phase 1 of a batch: its reads and signatures, with no write lock taken.
+
+    On PostgreSQL, reads from the cache are checked against the epoch when the batch is
+    recorded; a call refused here is never recorded, so a batch that refused one from cached
+    reads is prepared again from fresh ones (a member just added is not refused)."""
     now = utcnow()
     prepared = PreparedBatch(now=now, outcomes=[None] * len(calls), attempts=[], cache=cache)
     try:
         reads: _BatchReads
         if isinstance(db, PostgresDatabase):
-            reads = _prefetch(db, calls, now, cache)
+            reads = _prefetch(db, calls, now, cache, fresh=fresh)
             prepared.epoch = reads.epoch
         elif cache is not None:
             epoch = int(db.rows(_EPOCH, {})[0][0])
@@ -1132,6 +1147,8 @@ def prepare_batch(
                 )
             except SigngateError as exc:
                 prepared.outcomes[index] = exc
+        if reads.from_cache and any(outcome is not None for outcome in prepared.outcomes):
+            return prepare_batch(db, key_store, calls, key_algorithms, cache, fresh=True)
     except Exception as exc:
         prepared.failed = exc
     return prepared

@@ -417,10 +417,13 @@ async def test_cached_reads_follow_every_change_to_tokens_members_and_signers(
     api: Api, app: Any, engine: Engine
 ) -> None:
     """The batcher keeps token and signer rows across batches; any change to them (here through
-    the API, from another connection) is seen by the very next call, on both databases."""
+    the API, from another connection) is seen by the very next call, on both databases, in
+    both directions: a member removed is refused, a member added back signs at once."""
     member = await api.identity(scopes=["codesign:sign"])
     other = await api.identity(scopes=["codesign:sign"])
-    signer = await api.signer(members=[member, other])
+    signer = await policy_signer(api, [member, other])
+    for who in (member, other):
+        insert_grant(engine, signer_id=signer["id"], identity_id=who.id, operations=100)
     batcher = SignBatcher(engine, app.state.ctx.key_store)
     try:
         for _ in range(3):  # the cache is warm
@@ -441,6 +444,9 @@ async def test_cached_reads_follow_every_change_to_tokens_members_and_signers(
         with pytest.raises(Forbidden):
             await batcher.sign(call(other, signer["id"]))
 
+        for _ in range(2):  # the refusal is what the cache now holds
+            with pytest.raises(Forbidden):
+                await batcher.sign(call(other, signer["id"]))
         await api.call(
             "PUT",
             f"/pki/signers/{signer['id']}/members",
