@@ -565,12 +565,34 @@ async def run_backend(run: Run, backend: str, ref: dict[str, Any] | None) -> Non
                 stack.start_api(1)
                 api = Api(stack.url, stack.admin_token)
         if cfg.wants("approval"):
+            await settle(run, stack)
             await guarded(run, f"approval latency on {backend}", run_approval(run, stack, api, fx))
         if cfg.wants("throughput"):
+            await settle(run, stack)
             await guarded(run, f"request throughput on {backend}", run_throughput(run, stack, api, fx))
     finally:
         await api.close()
         stack.stop()
+
+
+async def settle(run: Run, stack: SigngateStack, *, idle_cores: float = 0.3, limit: float = 90.0) -> None:
+    """Let the databases finish what the previous section left them (a sign section writes about
+    a million rows: PostgreSQL then vacuums and checkpoints, SQLite's WAL is checkpointed) before
+    the next section measures: a checkpoint, then wait until the whole machine has been nearly
+    idle for two seconds (at most `limit` seconds). What it took is printed and kept."""
+    started = time.monotonic()
+    with contextlib.suppress(Exception):
+        stack.db_scalar("CHECKPOINT" if stack.backend == "postgresql" else "PRAGMA wal_checkpoint(TRUNCATE)")
+    quiet, busy = 0, 0.0
+    while quiet < 4 and time.monotonic() - started < limit:
+        before, t0 = procs.system_cpu(), time.monotonic()
+        await asyncio.sleep(0.5)
+        after = procs.system_cpu()
+        busy = (after[0] - before[0]) / max(time.monotonic() - t0, 1e-6)
+        quiet = quiet + 1 if busy < idle_cores else 0
+    note = f"{stack.backend}: settled for {time.monotonic() - started:.1f} s before the next section (last 0.5 s: {busy:.2f} cores busy)"
+    run.say(note)
+    run.raw.setdefault("settle", []).append(note)
 
 
 def core_sharing_note(run: Run) -> str:
