@@ -972,20 +972,22 @@ def _commit_pipelined(
     groups = sorted(
         _grant_groups(attempts).items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or "")
     )
-    result = db.record_batch(_batch_document(attempts, groups, now), now, epoch)
+    grouped = {id(attempt) for _, members in groups for attempt in members}
+    result = db.record_batch(_batch_document(attempts, groups, grouped, now), now, epoch)
     if result.get("stale"):
         raise StaleReads
     settled = zip(attempts, result["status"], result["grant"], result["request"], strict=True)
     for attempt, status, grant_id, request_id in settled:
-        if attempt.refusal is None and attempt.needs_grant:
-            if status == "success":
-                attempt.status, attempt.grant_id, attempt.request_id = "success", grant_id, request_id
-            else:
-                _settle([attempt], [], attempt.call.grant_id)
+        if id(attempt) in grouped:
+            taken = [(str(grant_id), str(request_id))] if status == "success" else []
+            _settle([attempt], taken, attempt.call.grant_id)
 
 
 def _batch_document(
-    attempts: Sequence[_Attempt], groups: Sequence[tuple[_GroupKey, list[_Attempt]]], now: datetime
+    attempts: Sequence[_Attempt],
+    groups: Sequence[tuple[_GroupKey, list[_Attempt]]],
+    grouped: set[int],
+    now: datetime,
 ) -> str:
     """The batch as `signgate_record_sign_batch` reads it (see migration 0002): each attempt's
     operation row and event, with its event's canonical text (`audit.event_hash`) in the parts
@@ -993,9 +995,7 @@ def _batch_document(
     sequence number)."""
     at_text = rfc3339(now)
     position = {id(attempt): index for index, attempt in enumerate(attempts)}
-    grouped = {id(attempt) for _, members in groups for attempt in members}
     heads: dict[tuple[str | None, str | None], str] = {}
-    signatures = False
     afters: dict[tuple[str, str, str], str] = {}
     documents = []
     for attempt in attempts:
@@ -1055,7 +1055,6 @@ def _batch_document(
         if attempt.call.store_signature_on_request is not None and attempt.signature is not None:
             document["sig_req"] = attempt.call.store_signature_on_request
             document["sig"] = base64.b64encode(attempt.signature).decode()
-            signatures = True
         documents.append(document)
     denied = _approval_required().description
     batch: dict[str, Any] = {
@@ -1072,7 +1071,7 @@ def _batch_document(
         "denied": denied,
         "denied_json": _canonical(denied),
     }
-    if signatures:
+    if any("sig_req" in document for document in documents):
         batch["signatures"] = True
     return json.dumps(batch, separators=(",", ":"), ensure_ascii=False)
 
