@@ -15,7 +15,7 @@ import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -53,17 +53,33 @@ def generate_private_key(key_algorithm: str) -> PrivateKey:
 
 def key_algorithm_of(key: PrivateKey | PublicKey | object) -> KeyAlgorithm:
     """Classify a key so imported keys outside the supported set are refused up front."""
-    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        algorithm = _RSA_SIZES.get(key.key_size)
+    kind = _KIND_OF_TYPE.get(type(key))
+    if kind is None:
+        if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+            kind = "RSA"
+        elif isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+            kind = "EC"
+        else:
+            kind = ""
+        _KIND_OF_TYPE[type(key)] = kind
+    if kind == "RSA":
+        size = cast(rsa.RSAPrivateKey | rsa.RSAPublicKey, key).key_size
+        algorithm = _RSA_SIZES.get(size)
         if algorithm is None:
-            raise InvalidKey(f"RSA keys of {key.key_size} bits are not supported")
+            raise InvalidKey(f"RSA keys of {size} bits are not supported")
         return algorithm
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        algorithm = _EC_CURVES.get(key.curve.name)
+    if kind == "EC":
+        curve = cast(ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey, key).curve.name
+        algorithm = _EC_CURVES.get(curve)
         if algorithm is None:
-            raise InvalidKey(f"EC curve {key.curve.name} is not supported")
+            raise InvalidKey(f"EC curve {curve} is not supported")
         return algorithm
     raise InvalidKey("only RSA and EC keys are supported")
+
+
+# A key's class -> "RSA", "EC" or "" (unsupported): the ABC checks above cost more than an ECDSA
+# signature's share of a call, and a class's answer never changes.
+_KIND_OF_TYPE: dict[type, str] = {}
 
 
 def as_private_key(key: object) -> PrivateKey:

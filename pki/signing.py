@@ -6,6 +6,7 @@ then signed as-is (prehashed), which yields the same signature as hashing the da
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -36,14 +37,23 @@ def _prepare(
     key: PrivateKey | PublicKey, signing_algorithm: str, data: bytes, is_digest: bool
 ) -> tuple[hashes.HashAlgorithm | utils.Prehashed, hashes.HashAlgorithm]:
     """Check the request and pick the hash argument the library needs (plain or prehashed)."""
-    check_algorithm(key_algorithm_of(key), signing_algorithm)
+    prepared, algorithm, expected = _plan(key_algorithm_of(key), signing_algorithm, is_digest)
+    if expected is not None and len(data) != expected:
+        raise InvalidData(f"{signing_algorithm} needs a {expected}-byte digest, got {len(data)} bytes")
+    return prepared, algorithm
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(
+    key_algorithm: str, signing_algorithm: str, is_digest: bool
+) -> tuple[hashes.HashAlgorithm | utils.Prehashed, hashes.HashAlgorithm, int | None]:
+    """`_prepare`'s checks and hash objects for one kind of request, made once (a refusal is
+    raised each time, never kept): the hash argument, the hash, the digest length required."""
+    check_algorithm(key_algorithm, signing_algorithm)
     algorithm = hash_algorithm(hash_name(signing_algorithm))
     if is_digest:
-        expected = digest_size(signing_algorithm)
-        if len(data) != expected:
-            raise InvalidData(f"{signing_algorithm} needs a {expected}-byte digest, got {len(data)} bytes")
-        return utils.Prehashed(algorithm), algorithm
-    return algorithm, algorithm
+        return utils.Prehashed(algorithm), algorithm, digest_size(signing_algorithm)
+    return algorithm, algorithm, None
 
 
 def pss_padding(algorithm: hashes.HashAlgorithm) -> padding.PSS:

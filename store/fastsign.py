@@ -115,12 +115,14 @@ WHERE t.token_hash = :token_hash
 _GRANT_LEFT = "SELECT id, request_id, allowed_sign_operations - used_sign_operations FROM grants"
 _CANDIDATE_LEFT = f"{_GRANT_LEFT} WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1"
 _PINNED_LEFT = f"{_GRANT_LEFT} WHERE id = :grant_id AND {_USABLE_GRANT}"
+# Only the count changes: the status (an indexed column) is set apart, by the one take that
+# spends a grant's last operation (`_EXHAUSTED`), in the same transaction.
 _TAKE = f"""
-UPDATE grants SET used_sign_operations = used_sign_operations + :take,
-    status = CASE WHEN used_sign_operations + :take >= allowed_sign_operations THEN 'exhausted' ELSE status END
+UPDATE grants SET used_sign_operations = used_sign_operations + :take
 WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
-RETURNING id
+RETURNING allowed_sign_operations - used_sign_operations
 """  # noqa: S608
+_EXHAUSTED = "UPDATE grants SET status = 'exhausted' WHERE id = :grant_id"
 # PostgreSQL (`_commit_pipelined`): the whole write side of a batch in one statement, run in
 # autocommit so it commits as it returns (migration 0002 defines the function).
 # With the security epoch the batch's reads were made at (migration 0003): a batch read at
@@ -133,14 +135,15 @@ INSERT INTO signing_operations (id, at, signer_id, actor_id, status, signing_alg
 VALUES (:id, :at, :signer_id, :actor_id, :status, :signing_algorithm, :data_sha256,
     :grant_id, :request_id, :client_metadata, :ip_address, :error)
 """
-_ADVANCE_HEAD = "UPDATE audit_head SET seq = seq + :count WHERE id = 1 RETURNING seq, hash"
+# SQLite, inside the write transaction (which already holds the database's write lock).
+_READ_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+_SET_HEAD = "UPDATE audit_head SET seq = :seq, hash = :hash WHERE id = 1"
 _INSERT_EVENT = """
 INSERT INTO audit_events (id, seq, at, actor_id, actor_name, action, entity_type, entity_id,
     request_id, data, ip_address, prev_hash, hash)
 VALUES (:id, :seq, :at, :actor_id, :actor_name, :action, 'signing_operation', :entity_id,
     :request_id, :data, :ip_address, :prev_hash, :hash)
 """
-_SET_HEAD_HASH = "UPDATE audit_head SET hash = :hash WHERE id = 1"
 _STORE_SIGNATURE = "UPDATE signing_requests SET signature = :signature WHERE id = :request_id"
 
 _NAMED = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
@@ -180,13 +183,21 @@ class SqliteDatabase:
         self._time_memo: tuple[datetime | None, Any] = (None, None)
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
         self._locked = False
+        # Row -> what `authenticate` and `_load` make of it (times and JSON parsed): a pure
+        # function of the row's values, so a row read again, changed or not, is never misread.
+        self.parsed: dict[tuple[Any, ...], Any] = {}
 
     @classmethod
     def open(cls, path: str) -> SqliteDatabase:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
             conn.execute(f"PRAGMA {pragma}")
-        return cls(conn, lock_path=path + ".sign-lock")
+        return cls(conn, lock_path=cls.lock_path_of(path))
+
+    @staticmethod
+    def lock_path_of(path: str) -> str:
+        """The file whose flock the sign path's writers of the database at `path` share."""
+        return path + ".sign-lock"
 
     def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, params).fetchall()
@@ -282,11 +293,23 @@ class WalCheckpointer:
     the database file and syncs it in that commit, a stall of milliseconds for the calls of its
     batch. The sign path's connections turn that off (`no_autocheckpoint`); this thread runs a
     PASSIVE checkpoint (it waits for no reader or writer) every `interval` seconds in which
-    something was committed. Other connections keep SQLite's default."""
+    something was committed. Other connections keep SQLite's default.
 
-    def __init__(self, path: str, interval: float = 0.1) -> None:
+    Under a steady stream of commits the WAL never starts over: a writer restarts it only if
+    its transaction began with every frame already copied, and with commits every few hundred
+    microseconds a checkpoint never finishes before the next one begins. It then grows without
+    end (seen here: 550 MB in a minute of signing). So once the WAL holds more than
+    `CATCH_UP_FRAMES` frames, the next checkpoint runs holding the sign writers' lock
+    (`lock_path`): only the frames appended since the last one are left to copy, and the next
+    sign writer starts the WAL over from its beginning. Sign writes wait for that short
+    checkpoint, a few times a minute under full load."""
+
+    CATCH_UP_FRAMES = 8192  # 32 MB of 4 KB pages
+
+    def __init__(self, path: str, interval: float = 0.1, *, lock_path: str | None = None) -> None:
         self.path = path
         self.interval = interval
+        self.lock_path = lock_path
         self.dirty = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sign-wal-checkpoint", daemon=True)
@@ -294,21 +317,41 @@ class WalCheckpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600) if self.lock_path else None
         try:
+            behind = False
             while not self._stop.wait(self.interval):
-                if self.dirty:
+                if self.dirty or behind:
                     self.dirty = False
-                    self.checkpoint(conn)
+                    behind = self._round(conn, lock_fd, catch_up=behind)
             self.checkpoint(conn)
         finally:
             conn.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+    def _round(self, conn: sqlite3.Connection, lock_fd: int | None, *, catch_up: bool) -> bool:
+        """One checkpoint, under the writers' lock if `catch_up`; whether the WAL is still long
+        (the next round then catches up)."""
+        if catch_up and lock_fd is not None:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                frames, _ = self.checkpoint(conn)
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        else:
+            frames, _ = self.checkpoint(conn)
+        return frames > self.CATCH_UP_FRAMES
 
     @staticmethod
-    def checkpoint(conn: sqlite3.Connection) -> None:
+    def checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
+        """A PASSIVE checkpoint: (frames in the WAL, frames copied), (0, 0) if it failed."""
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # the next round tries again; commits are unaffected
             log.warning("WAL checkpoint failed: %s", exc)
+            return 0, 0
+        return (int(row[1]), int(row[2])) if row and row[1] >= 0 else (0, 0)
 
     def close(self) -> None:
         self._stop.set()
@@ -649,10 +692,40 @@ def authenticate(db: Database, token: str | None, now: datetime) -> tuple[audit.
     found = db.rows(_CALLER, {"token_hash": digest})
     if not found:
         raise Unauthorized(_UNAUTHORIZED)
-    stored_hash, scopes, expires_at, revoked_at, identity_id, name = found[0]
-    if not token_usable(stored_hash, digest, revoked_at, db.read_time(expires_at), now):
+    row = found[0]
+    parsed = _parsed(db, row)
+    if parsed is None:
+        stored_hash, scopes, expires_at, revoked_at, identity_id, name = row
+        parsed = _remember(
+            db,
+            row,
+            (
+                stored_hash,
+                revoked_at,
+                db.read_time(expires_at),
+                audit.Actor(id=identity_id, name=name),
+                frozenset(db.read_json(scopes)),
+            ),
+        )
+    stored_hash, revoked_at, expires_at, actor, scopes = parsed
+    if not token_usable(stored_hash, digest, revoked_at, expires_at, now):
         raise Unauthorized(_UNAUTHORIZED)
-    return audit.Actor(id=identity_id, name=name), frozenset(db.read_json(scopes))
+    return actor, scopes
+
+
+def _parsed(db: Database, row: tuple[Any, ...]) -> Any:
+    """What a SQLite connection made of this row before, if it did (see `SqliteDatabase.parsed`)."""
+    memo: dict[tuple[Any, ...], Any] | None = getattr(db, "parsed", None)
+    return None if memo is None else memo.get(row)
+
+
+def _remember(db: Database, row: tuple[Any, ...], parsed: Any) -> Any:
+    memo: dict[tuple[Any, ...], Any] | None = getattr(db, "parsed", None)
+    if memo is not None:
+        if len(memo) >= ReadCache.LIMIT:
+            memo.clear()
+        memo[row] = parsed
+    return parsed
 
 
 def _load(
@@ -665,18 +738,25 @@ def _load(
     if not found:
         raise NotFound("no such signer")
     row = found[0]
-    key = SignerKey(
-        signer_id=row[0],
-        signer_name=row[1],
-        status=row[2],
-        signing_policy_id=row[3],
-        certificate_id=row[4],
-        certificate_status=row[5],
-        key_algorithm=row[6],
-        sealed_key=bytes(row[7]),
-        not_before=db.read_time(row[8]),
-        not_after=db.read_time(row[9]),
-    )
+    described = row[:10]
+    key = _parsed(db, described)
+    if key is None:
+        key = _remember(
+            db,
+            described,
+            SignerKey(
+                signer_id=row[0],
+                signer_name=row[1],
+                status=row[2],
+                signing_policy_id=row[3],
+                certificate_id=row[4],
+                certificate_status=row[5],
+                key_algorithm=row[6],
+                sealed_key=bytes(row[7]),
+                not_before=db.read_time(row[8]),
+                not_after=db.read_time(row[9]),
+            ),
+        )
     return key, row[10] is not None, row[11] is not None
 
 
@@ -768,7 +848,10 @@ def _take(
             break
         grant_id, request_id, left = found[0]
         take = min(int(left), wanted - len(taken))
-        if take > 0 and db.rows(_TAKE, {**params, "grant_id": grant_id, "take": take}):
+        left_after = db.rows(_TAKE, {**params, "grant_id": grant_id, "take": take}) if take > 0 else []
+        if left_after:
+            if int(left_after[0][0]) <= 0:
+                db.execute(_EXHAUSTED, {"grant_id": grant_id})
             taken += [(str(grant_id), str(request_id))] * take
         else:
             misses += 1
@@ -829,55 +912,110 @@ def _operation_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
     ]
 
 
-def _event_rows(
-    attempts: Sequence[_Attempt], head_seq: int, head_hash: str, at: datetime
-) -> tuple[list[dict[str, Any]], str]:
-    """One audit event per attempt at `at` (the batch's instant, as its operations), chained in
-    order after the head (already advanced by len(attempts)): the rows (data as a JSON value,
-    no time) and the new head hash."""
-    seq, prev_hash = head_seq - len(attempts), head_hash
-    at_text = rfc3339(at)
-    events = []
-    for attempt in attempts:
-        seq += 1
-        key = attempt.key
-        # Every value is the server's own text (ids, a slug, a constant, a hex digest, an error
-        # description), already as JSON stores it and reads it back.
-        payload: dict[str, Any] = {
-            "signerId": key.signer_id,
-            "signerName": key.signer_name,
-            "grantId": attempt.grant_id,
-            "signingAlgorithm": attempt.call.signing_algorithm,
-            "dataSha256": attempt.data_sha256,
-            "error": None if attempt.refusal is None else attempt.refusal.description,
-        }
-        event_id = time_ordered_id()
-        action = f"signing_operation.{attempt.status}"
-        digest = audit.event_hash(
-            prev_hash=prev_hash,
-            seq=seq,
-            event_id=event_id,
-            at=at_text,
-            actor_id=attempt.actor.id,
-            actor_name=attempt.actor.name,
-            action=action,
-            entity_type="signing_operation",
-            entity_id=attempt.operation_id,
-            request_id=attempt.request_id,
-            data=payload,
-            ip_address=attempt.actor.ip_address,
+class _EventTexts:
+    """Each attempt's audit event as `audit.event_hash` writes its canonical text, cut around the
+    values only the write transaction settles (the action, the error, the grant id, the request
+    id, the sequence number): `h` (actor and time), `d1` (the data after the grant id) and `q`
+    (entity, event id and address). Built before the transaction; the pieces an actor or a
+    signer share are made once. The PostgreSQL function (migration 0002) joins the same pieces
+    the same way as `canonical`."""
+
+    def __init__(self, attempts: Sequence[_Attempt], now: datetime) -> None:
+        at_text = rfc3339(now)
+        heads: dict[tuple[str | None, str | None], str] = {}
+        afters: dict[tuple[str, str, str], str] = {}
+        self.pieces: list[tuple[str, str, str, str]] = []  # event id, h, d1, q
+        for attempt in attempts:
+            actor, key, algorithm = attempt.actor, attempt.key, attempt.call.signing_algorithm
+            head = heads.get((actor.id, actor.name))
+            if head is None:
+                head = heads[(actor.id, actor.name)] = _canonical(
+                    {"actorId": actor.id, "actorName": actor.name, "at": at_text}
+                )[1:-1]
+            after_grant = afters.get((key.signer_id, key.signer_name, algorithm))
+            if after_grant is None:
+                after_grant = afters[(key.signer_id, key.signer_name, algorithm)] = (
+                    ","
+                    + _canonical(
+                        {
+                            "signerId": key.signer_id,
+                            "signerName": key.signer_name,
+                            "signingAlgorithm": algorithm,
+                        }
+                    )[1:]
+                )
+            event_id = time_ordered_id()
+            after_data = {
+                "entityId": attempt.operation_id,
+                "entityType": "signing_operation",
+                "id": event_id,
+                "ipAddress": actor.ip_address,
+            }
+            self.pieces.append((event_id, head, after_grant, "," + _canonical(after_data)[1:-1]))
+
+    @staticmethod
+    def data(attempt: _Attempt, d1: str, error_json: str, grant_json: str) -> str:
+        """The event's data, canonical: what the database stores and the hash covers."""
+        return (
+            '{"dataSha256":"'
+            + attempt.data_sha256
+            + '","error":'
+            + error_json
+            + ',"grantId":'
+            + grant_json
+            + d1
         )
+
+    @staticmethod
+    def canonical(action: str, h: str, data: str, q: str, request_json: str, seq: int) -> str:
+        return (
+            '{"action":"'
+            + action
+            + '",'
+            + h
+            + ',"data":'
+            + data
+            + q
+            + ',"requestId":'
+            + request_json
+            + ',"seq":'
+            + str(seq)
+            + "}"
+        )
+
+
+def _event_rows(
+    attempts: Sequence[_Attempt], texts: _EventTexts, head_seq: int, head_hash: str, at: Any
+) -> tuple[list[dict[str, Any]], str]:
+    """SQLite: one audit event per attempt at `at` (the batch's instant, as its operations),
+    chained in order after the head: the rows and the new head hash."""
+    seq, prev_hash = head_seq, head_hash
+    json_of: dict[str | None, str] = {}  # error descriptions and ids, as JSON text
+    events = []
+    for attempt, (event_id, h, d1, q) in zip(attempts, texts.pieces, strict=True):
+        seq += 1
+        error = None if attempt.refusal is None else attempt.refusal.description
+        error_json, grant_json, request_json = (
+            json_of.get(value) or json_of.setdefault(value, _canonical(value))
+            for value in (error, attempt.grant_id, attempt.request_id)
+        )
+        action = "signing_operation." + attempt.status
+        data = _EventTexts.data(attempt, d1, error_json, grant_json)
+        canonical = _EventTexts.canonical(action, h, data, q, request_json, seq)
+        digest = hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+        actor = attempt.actor
         events.append(
             {
                 "id": event_id,
                 "seq": seq,
-                "actor_id": attempt.actor.id,
-                "actor_name": attempt.actor.name,
+                "at": at,
+                "actor_id": actor.id,
+                "actor_name": actor.name,
                 "action": action,
                 "entity_id": attempt.operation_id,
                 "request_id": attempt.request_id,
-                "data": payload,
-                "ip_address": attempt.actor.ip_address,
+                "data": data,
+                "ip_address": actor.ip_address,
                 "prev_hash": prev_hash,
                 "hash": digest,
             }
@@ -904,7 +1042,7 @@ def _signature_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
     return rows
 
 
-def _write(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
+def _write(db: Database, attempts: Sequence[_Attempt], now: datetime, texts: _EventTexts) -> None:
     """Phase 2 on SQLite, inside the caller's write transaction: statement by statement (each
     is a local call)."""
     at = db.time(now)
@@ -917,11 +1055,11 @@ def _write(db: Database, attempts: Sequence[_Attempt], now: datetime) -> None:
             for row in _operation_rows(attempts)
         ],
     )
-    # The audit head is the last lock taken.
-    head = db.rows(_ADVANCE_HEAD, {"count": len(attempts)})[0]
-    events, last_hash = _event_rows(attempts, int(head[0]), str(head[1]), now)
-    db.execute_many(_INSERT_EVENT, [{**row, "at": at, "data": json.dumps(row["data"])} for row in events])
-    db.execute(_SET_HEAD_HASH, {"hash": last_hash})
+    # The audit head is the last row written (the transaction already holds the write lock).
+    seq, head_hash = db.rows(_READ_HEAD, {})[0]
+    events, last_hash = _event_rows(attempts, texts, int(seq), str(head_hash), at)
+    db.execute_many(_INSERT_EVENT, events)
+    db.execute(_SET_HEAD, {"seq": int(seq) + len(attempts), "hash": last_hash})
     for row in _signature_rows(attempts):
         db.execute(_STORE_SIGNATURE, row)
 
@@ -944,9 +1082,10 @@ def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime, epoch: in
         _commit_pipelined(db, attempts, now, epoch)
         return
     assert isinstance(db, SqliteDatabase)
+    texts = _EventTexts(attempts, now)
     db.begin_write()
     try:
-        _write(db, attempts, now)
+        _write(db, attempts, now, texts)
         db.commit()
     except BaseException:
         db.rollback()
@@ -993,43 +1132,21 @@ def _batch_document(
     operation row and event, with its event's canonical text (`audit.event_hash`) in the parts
     around what the server settles (the action, the error, the grant id, the request id and the
     sequence number)."""
-    at_text = rfc3339(now)
     position = {id(attempt): index for index, attempt in enumerate(attempts)}
-    heads: dict[tuple[str | None, str | None], str] = {}
-    afters: dict[tuple[str, str, str], str] = {}
+    texts = _EventTexts(attempts, now)
     documents = []
-    for attempt in attempts:
-        actor, key, algorithm = attempt.actor, attempt.key, attempt.call.signing_algorithm
+    for attempt, (event_id, head, after_grant, after_data) in zip(attempts, texts.pieces, strict=True):
+        actor, key = attempt.actor, attempt.key
         operation: dict[str, Any] = {
             "id": attempt.operation_id,
             "signer_id": key.signer_id,
             "actor_id": actor.id or "system",
-            "signing_algorithm": algorithm,
+            "signing_algorithm": attempt.call.signing_algorithm,
             "data_sha256": attempt.data_sha256,
             "ip_address": actor.ip_address,
         }
         if attempt.call.client_metadata is not None:
             operation["client_metadata"] = json.dumps(attempt.call.client_metadata)
-        head = heads.get((actor.id, actor.name))
-        if head is None:
-            head = heads[(actor.id, actor.name)] = _canonical(
-                {"actorId": actor.id, "actorName": actor.name, "at": at_text}
-            )[1:-1]
-        after_grant = afters.get((key.signer_id, key.signer_name, algorithm))
-        if after_grant is None:
-            after_grant = afters[(key.signer_id, key.signer_name, algorithm)] = (
-                ","
-                + _canonical(
-                    {"signerId": key.signer_id, "signerName": key.signer_name, "signingAlgorithm": algorithm}
-                )[1:]
-            )
-        event_id = time_ordered_id()
-        after_data = {
-            "entityId": attempt.operation_id,
-            "entityType": "signing_operation",
-            "id": event_id,
-            "ipAddress": actor.ip_address,
-        }
         document: dict[str, Any] = {
             "op": operation,
             "ev": {
@@ -1040,7 +1157,7 @@ def _batch_document(
             },
             "h": head,
             "d1": after_grant,
-            "q": "," + _canonical(after_data)[1:-1],
+            "q": after_data,
         }
         if id(attempt) not in grouped:
             error = None if attempt.refusal is None else attempt.refusal.description
@@ -1360,7 +1477,8 @@ class SignBatcher:
         if isinstance(db, SqliteDatabase):
             with self._lock:
                 if self._checkpointer is None and not self._closed:
-                    self._checkpointer = WalCheckpointer(str(self.engine.url.database))
+                    path = str(self.engine.url.database)
+                    self._checkpointer = WalCheckpointer(path, lock_path=SqliteDatabase.lock_path_of(path))
                 if self._checkpointer is not None:
                     db.no_autocheckpoint()
         return db

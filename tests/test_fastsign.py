@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -388,9 +389,9 @@ async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
     checkpoints: list[str] = []
     original = WalCheckpointer.checkpoint
 
-    def recording(conn: sqlite3.Connection) -> None:
+    def recording(conn: sqlite3.Connection) -> tuple[int, int]:
         checkpoints.append(threading.current_thread().name)
-        original(conn)
+        return original(conn)
 
     monkeypatch.setattr(WalCheckpointer, "checkpoint", staticmethod(recording))
     member = await api.identity(scopes=["codesign:sign"])
@@ -411,6 +412,45 @@ async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
         batcher.close()
     assert len(checkpoints) >= 2  # and once more on closing
     assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 3}
+
+
+async def test_the_wal_starts_over_under_a_steady_stream_of_signatures(
+    api: Api, app: Any, engine: Engine, monkeypatch: Any
+) -> None:
+    """SQLite: with commits back to back the WAL never starts over by itself (a writer restarts
+    it only if every frame was copied when its transaction began), so it would grow with every
+    signature; once it is long, a checkpoint under the sign writers' lock lets the next writer
+    start it over. Seen from the checkpoints: the WAL they find gets shorter again."""
+    import sqlite3
+    import time
+
+    from store.fastsign import WalCheckpointer
+
+    if engine.url.get_backend_name() != "sqlite":
+        return  # PostgreSQL has no WAL file to bound
+    monkeypatch.setattr(WalCheckpointer, "CATCH_UP_FRAMES", 64)
+    lengths: list[int] = []
+    original = WalCheckpointer.checkpoint
+
+    def recording(conn: sqlite3.Connection) -> tuple[int, int]:
+        frames, copied = original(conn)
+        lengths.append(frames)
+        return frames, copied
+
+    monkeypatch.setattr(WalCheckpointer, "checkpoint", staticmethod(recording))
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    try:
+        deadline = time.monotonic() + 10
+        while len(lengths) < 6 and time.monotonic() < deadline:
+            for _ in range(20):
+                assert isinstance(await batcher.sign(call(member, signer["id"])), SignResult)
+            await asyncio.sleep(0)  # the checkpointer's thread gets a turn
+    finally:
+        batcher.close()
+    assert len(lengths) >= 6
+    assert any(later < earlier for earlier, later in itertools.pairwise(lengths)), lengths
 
 
 async def test_cached_reads_follow_every_change_to_tokens_members_and_signers(
