@@ -1320,10 +1320,13 @@ def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
         log.warning("sign batch: the database is unreachable: %s", exc)
         unavailable = Unavailable("the database is unreachable")
         return [outcome if outcome is not None else unavailable for outcome in outcomes]
+    recorded: dict[str, int] = {}
     for attempt in attempts:
         if attempt.status != "error":
-            SIGN_OPERATIONS.labels(status=attempt.status).inc()
+            recorded[attempt.status] = recorded.get(attempt.status, 0) + 1
         outcomes[attempt.index] = _outcome(attempt)
+    for status, count in recorded.items():
+        SIGN_OPERATIONS.labels(status=status).inc(count)
     return cast(list[Outcome], outcomes)
 
 
