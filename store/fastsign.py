@@ -1341,7 +1341,10 @@ class SignBatcher:
     reading and answering requests while a batch waits for the database or signs. Up to
     `max_in_flight` batches run at once: while one holds the write lock or waits for its
     COMMIT, the next reads and signs (RSA signatures release the GIL, so they use the other
-    core); their writes still queue on the database's lock, in order.
+    core); their writes still queue on the database's lock, in order. By default 2 on SQLite
+    and 3 on PostgreSQL, where a batch also waits for its round trips (measured with 2 processes,
+    RSA-2048, 8 clients: 3 gave about 5% more signatures per second than 2 or 4 on PostgreSQL,
+    and no difference on SQLite).
 
     On SQLite a batch whose calls all go to signers last seen with an EC key runs on the event
     loop instead, one at a time: an ECDSA signature and a local commit cost less than the hop to
@@ -1357,11 +1360,13 @@ class SignBatcher:
         key_store: CachingKeyStore,
         *,
         max_batch: int = MAX_BATCH,
-        max_in_flight: int = 2,
+        max_in_flight: int | None = None,
     ) -> None:
         self.engine = engine
         self.key_store = key_store
         self.max_batch = max_batch
+        if max_in_flight is None:
+            max_in_flight = 2 if engine.url.get_backend_name() == "sqlite" else 3
         self.max_in_flight = max_in_flight
         self._idle: list[SqliteDatabase | PostgresDatabase] = []  # connections not in use
         self._pending: list[tuple[SignCall, asyncio.Future[Outcome]]] = []
