@@ -23,7 +23,9 @@ from store import audit
 from store.fastsign import PreparedBatch, SignBatcher, SignCall, SqliteDatabase, open_database, run_batch
 from store.models import ApiToken, AuditEvent, Grant, Identity, SigningOperation
 from store.signing import SignResult
-from tests.conftest import Api, Ident, insert_grant
+from tests.conftest import Api, Ident, db_backend, insert_grant
+
+sqlite_only = pytest.mark.skipif(db_backend() != "sqlite", reason="SQLite only")
 
 DIGEST = base64.b64encode(hashlib.sha256(b"release 1.0").digest()).decode()
 
@@ -344,14 +346,13 @@ async def test_an_unexpected_error_on_the_bare_route_is_the_contracts_500(
     assert r.json() == {"error": "internal_error", "error_description": "an internal error occurred"}
 
 
+@sqlite_only  # PostgreSQL batches run on threads, and it has no WAL file to checkpoint
 async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engine: Engine) -> None:
     """SQLite: while another process holds the writers' lock, an EC batch goes to a thread and
     the event loop keeps serving; the call completes once the lock is free."""
     import fcntl
     import os
 
-    if engine.url.get_backend_name() != "sqlite":
-        return  # PostgreSQL batches always run on threads (checked above)
     member = await api.identity(scopes=["codesign:sign"])
     signer = await api.signer(members=[member])
     batcher = SignBatcher(engine, app.state.ctx.key_store)
@@ -374,6 +375,7 @@ async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engin
     assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 2}
 
 
+@sqlite_only  # PostgreSQL batches run on threads, and it has no WAL file to checkpoint
 async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
     api: Api, app: Any, engine: Engine, monkeypatch: Any
 ) -> None:
@@ -384,8 +386,6 @@ async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
 
     from store.fastsign import WalCheckpointer
 
-    if engine.url.get_backend_name() != "sqlite":
-        return  # PostgreSQL has no WAL checkpoints to move
     checkpoints: list[str] = []
     original = WalCheckpointer.checkpoint
 
@@ -414,6 +414,7 @@ async def test_wal_checkpoints_run_beside_the_sign_path_not_in_its_commits(
     assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 3}
 
 
+@sqlite_only  # PostgreSQL batches run on threads, and it has no WAL file to checkpoint
 async def test_the_wal_starts_over_under_a_steady_stream_of_signatures(
     api: Api, app: Any, engine: Engine, monkeypatch: Any
 ) -> None:
@@ -426,8 +427,6 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_signatures(
 
     from store.fastsign import WalCheckpointer
 
-    if engine.url.get_backend_name() != "sqlite":
-        return  # PostgreSQL has no WAL file to bound
     monkeypatch.setattr(WalCheckpointer, "CATCH_UP_FRAMES", 64)
     lengths: list[int] = []
     original = WalCheckpointer.checkpoint
