@@ -321,7 +321,7 @@ class WalCheckpointer:
         try:
             behind = False
             while not self._stop.wait(self.interval):
-                if self.dirty or behind:
+                if self.dirty:  # an idle database is left alone, long WAL or not
                     self.dirty = False
                     behind = self._round(conn, lock_fd, catch_up=behind)
             self.checkpoint(conn)
@@ -332,7 +332,8 @@ class WalCheckpointer:
 
     def _round(self, conn: sqlite3.Connection, lock_fd: int | None, *, catch_up: bool) -> bool:
         """One checkpoint, under the writers' lock if `catch_up`; whether the WAL is still long
-        (the next round then catches up)."""
+        (the next round, once something was committed, then catches up; a WAL just copied in
+        full is started over by the next writer, whichever it is)."""
         if catch_up and lock_fd is not None:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
