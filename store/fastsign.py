@@ -536,30 +536,31 @@ class _BatchReads:
         self.answers: dict[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
 
     @staticmethod
-    def _key(sql: str, params: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
-        return sql, tuple(sorted(params.items()))
-
-    @staticmethod
-    def cache_key(sql: str, params: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    def key(sql: str, params: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        """A read's key, in the batch and in the cache: its statement and parameters but the
+        instant (every call of a batch reads at the batch's one instant)."""
         return sql, tuple(sorted((k, v) for k, v in params.items() if k != "now"))
 
     def remember(self, sql: str, params: dict[str, Any], rows: list[tuple[Any, ...]]) -> None:
-        self.answers[self._key(sql, params)] = rows
+        self._keep(self.key(sql, params), rows)
+
+    def _keep(self, key: tuple[str, tuple[Any, ...]], rows: list[tuple[Any, ...]]) -> None:
+        self.answers[key] = rows
         if self.cache is not None:
-            self.cache.store(self.epoch, self.cache_key(sql, params), rows)
+            self.cache.store(self.epoch, key, rows)
 
     def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         if sql not in self.MEMO:
             return self.db.rows(sql, params)
-        key = self._key(sql, params)
+        key = self.key(sql, params)
         found = self.answers.get(key)
         if found is None and self.cache is not None:
-            found = self.cache.get(self.epoch, self.cache_key(sql, params))
+            found = self.cache.get(self.epoch, key)
             if found is not None:
                 self.answers[key] = found
         if found is None:
             found = self.db.rows(sql, params)
-            self.remember(sql, params, found)
+            self._keep(key, found)
         return found
 
     def __getattr__(self, name: str) -> Any:
@@ -612,13 +613,13 @@ def _prefetch(
 def _cached(reads: _BatchReads, params: dict[str, Any]) -> bool:
     """Whether the cache holds the caller and signer rows for one (signer, token) of a batch."""
     assert reads.cache is not None
-    found = reads.cache.get(reads.epoch, _BatchReads.cache_key(_CALLER, {"token_hash": params["token_hash"]}))
+    found = reads.cache.get(reads.epoch, _BatchReads.key(_CALLER, {"token_hash": params["token_hash"]}))
     if found is None:
         return False
     if not found:
         return True
     signer_key = {"signer_id": params["signer_id"], "identity_id": found[0][4]}
-    return reads.cache.get(reads.epoch, _BatchReads.cache_key(_SIGNER, signer_key)) is not None
+    return reads.cache.get(reads.epoch, _BatchReads.key(_SIGNER, signer_key)) is not None
 
 
 def open_database(engine: Engine) -> SqliteDatabase | PostgresDatabase:
@@ -1366,8 +1367,9 @@ class SignBatcher:
         self.engine = engine
         self.key_store = key_store
         self.max_batch = max_batch
+        on_sqlite = engine.url.get_backend_name() == "sqlite"
         if max_in_flight is None:
-            max_in_flight = 2 if engine.url.get_backend_name() == "sqlite" else 3
+            max_in_flight = 2 if on_sqlite else 3
         self.max_in_flight = max_in_flight
         self._idle: list[SqliteDatabase | PostgresDatabase] = []  # connections not in use
         self._pending: list[tuple[SignCall, asyncio.Future[Outcome]]] = []
@@ -1376,7 +1378,7 @@ class SignBatcher:
         self._lock = threading.Lock()
         self._closed = False
         self._cache = ReadCache()
-        self._on_loop_allowed = engine.url.get_backend_name() == "sqlite"
+        self._on_loop_allowed = on_sqlite
         self._checkpointer: WalCheckpointer | None = None
         # signer id -> key algorithm, as the last batch that reached the signer saw it.
         self._key_algorithms: dict[str, str] = {}
