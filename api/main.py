@@ -124,7 +124,7 @@ def create_app(
         yield
         batcher = ctx.extra.pop("sign_batcher", None)
         if batcher is not None:
-            batcher.close()  # type: ignore[attr-defined]
+            await batcher.aclose()  # type: ignore[attr-defined]
         if ctx.owns_engine:
             ctx.engine.dispose()
 

@@ -434,6 +434,44 @@ class PostgresDatabase:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
 
+class RoundTripNeeded(Exception):
+    """Phase 1 on the event loop (`NoRoundTrips`) met a read the `ReadCache` does not hold."""
+
+
+class NoRoundTrips(PostgresDatabase):
+    """Phase 1 of a PostgreSQL batch on the event loop: every read must come from the
+    `ReadCache`; any statement raises RoundTripNeeded (the batch then goes to a thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        raise RoundTripNeeded
+
+    def execute(self, sql: str, params: dict[str, Any]) -> None:
+        raise RoundTripNeeded
+
+    def execute_many(self, sql: str, params: Sequence[dict[str, Any]]) -> None:
+        raise RoundTripNeeded
+
+    def rows_pipelined(
+        self, queries: Sequence[tuple[str, Sequence[dict[str, Any]]]]
+    ) -> list[list[list[tuple[Any, ...]]]]:
+        raise RoundTripNeeded
+
+    def record_batch(self, batch: str, at: datetime, epoch: int | None) -> dict[str, Any]:
+        raise RoundTripNeeded
+
+    def commit(self) -> None:
+        raise RoundTripNeeded
+
+    def rollback(self) -> None:
+        raise RoundTripNeeded
+
+    def close(self) -> None:
+        pass
+
+
 class StaleReads(Exception):
     """PostgreSQL recorded nothing: the batch's cached reads are from an older security epoch."""
 
@@ -629,7 +667,7 @@ def open_database(engine: Engine) -> SqliteDatabase | PostgresDatabase:
         if not url.database or url.database == ":memory:":
             raise ValueError("the sign path needs a SQLite database file")
         return SqliteDatabase.open(url.database)
-    return PostgresDatabase.open(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    return PostgresDatabase.open(_conninfo(engine))
 
 
 def is_connectivity_error(exc: BaseException) -> bool:
@@ -1110,11 +1148,21 @@ def _commit_pipelined(
     Only after it has committed does any caller get an answer. With `epoch` (the reads came
     from a `ReadCache`), nothing is recorded if the security epoch has moved: StaleReads.
     """
+    document, grouped = _batch_request(attempts, now)
+    _settle_recorded(attempts, grouped, db.record_batch(document, now, epoch))
+
+
+def _batch_request(attempts: Sequence[_Attempt], now: datetime) -> tuple[str, set[int]]:
+    """The document `signgate_record_sign_batch` reads, and the attempts it settles (by id)."""
     groups = sorted(
         _grant_groups(attempts).items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or "")
     )
     grouped = {id(attempt) for _, members in groups for attempt in members}
-    result = db.record_batch(_batch_document(attempts, groups, grouped, now), now, epoch)
+    return _batch_document(attempts, groups, grouped, now), grouped
+
+
+def _settle_recorded(attempts: Sequence[_Attempt], grouped: set[int], result: dict[str, Any]) -> None:
+    """What the server settled for the attempts of `grouped`; StaleReads if it recorded nothing."""
     if result.get("stale"):
         raise StaleReads
     settled = zip(attempts, result["status"], result["grant"], result["request"], strict=True)
@@ -1320,10 +1368,21 @@ def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
         if not is_connectivity_error(exc):
             raise
         log.warning("sign batch: the database is unreachable: %s", exc)
-        unavailable = Unavailable("the database is unreachable")
-        return [outcome if outcome is not None else unavailable for outcome in outcomes]
+        return _unreachable(prepared)
+    return _answers(prepared)
+
+
+def _unreachable(prepared: PreparedBatch) -> list[Outcome]:
+    """A batch whose write side could not reach the database: 503 for every call not yet answered."""
+    unavailable = Unavailable("the database is unreachable")
+    return [outcome if outcome is not None else unavailable for outcome in prepared.outcomes]
+
+
+def _answers(prepared: PreparedBatch) -> list[Outcome]:
+    """Every call's answer once the batch's attempts are recorded (and settled)."""
+    outcomes = prepared.outcomes
     recorded: dict[str, int] = {}
-    for attempt in attempts:
+    for attempt in prepared.attempts:
         if attempt.status != "error":
             recorded[attempt.status] = recorded.get(attempt.status, 0) + 1
         outcomes[attempt.index] = _outcome(attempt)
@@ -1352,8 +1411,17 @@ class SignBatcher:
     loop instead, one at a time: an ECDSA signature and a local commit cost less than the hop to
     a thread and back. Its reads and signatures come first, without the writers' lock; only its
     write transaction needs the lock, and waits for it on a thread if another process holds it.
-    RSA signatures (about 250 µs each) and PostgreSQL round trips go to the threads. On SQLite
-    a `WalCheckpointer` keeps WAL checkpoints out of the batches' commits.
+    RSA signatures (about 250 µs each) go to the threads on SQLite. On SQLite a
+    `WalCheckpointer` keeps WAL checkpoints out of the batches' commits.
+
+    On PostgreSQL a batch whose reads all come from the `ReadCache` (the steady state: only the
+    first batch after a change reads) is signed on the loop, EC or RSA, and its one recording
+    statement goes over an asyncio connection (`_commit_async`): while it waits for the
+    server, the loop answers, reads and signs the next batches, with no thread handoff and no
+    GIL shared with signing threads (measured with 2 processes, RSA-2048, 8 clients: about
+    1.1x OpenBao against 0.95-1.0x with every batch on a thread). A batch that must read goes
+    to a thread, as before. The loop then signs for as long as one batch's RSA signatures take
+    (about 250 µs each).
     """
 
     def __init__(
@@ -1379,6 +1447,11 @@ class SignBatcher:
         self._closed = False
         self._cache = ReadCache()
         self._on_loop_allowed = on_sqlite
+        # PostgreSQL: batches whose reads all come from the cache are signed on the loop and
+        # recorded over asyncio connections (`_record_async`); the others go to the threads.
+        self._conninfo = None if on_sqlite else _conninfo(engine)
+        self._async_idle: list[Any] = []  # psycopg.AsyncConnection, not in use
+        self._tasks: set[asyncio.Task[None]] = set()
         self._checkpointer: WalCheckpointer | None = None
         # signer id -> key algorithm, as the last batch that reached the signer saw it.
         self._key_algorithms: dict[str, str] = {}
@@ -1421,8 +1494,74 @@ class SignBatcher:
                 self._write_when_free(loop, batch, db, prepared)
                 return
             self._checkin(db)
-        done = self._executor.submit(self._run, calls)
+        elif self._conninfo is not None:
+            prepared = prepare_batch(NoRoundTrips(), self.key_store, calls, self._key_algorithms, self._cache)
+            if prepared.failed is None:
+                task = loop.create_task(self._record_async(loop, batch, prepared))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        self._on_thread(loop, batch)
+
+    def _on_thread(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[SignCall, asyncio.Future[Outcome]]]
+    ) -> None:
+        """The whole batch, reads to commit, on a thread of the pool (`_run`)."""
+        done = self._executor.submit(self._run, [call for call, _ in batch])
         done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, loop, batch, f))
+
+    async def _record_async(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[SignCall, asyncio.Future[Outcome]]],
+        prepared: PreparedBatch,
+    ) -> None:
+        """Phase 2 of a PostgreSQL batch prepared on the loop: the one statement that records
+        it, over an asyncio connection, so the loop answers and signs other batches meanwhile."""
+        done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
+        try:
+            done.set_result(await self._commit_async(prepared))
+        except StaleReads:
+            self._on_thread(loop, batch)  # read afresh and sign again
+            return
+        except Exception as exc:  # handed to the callers, as from a thread
+            done.set_exception(exc)
+        self._finish(loop, batch, done)
+
+    async def _commit_async(self, prepared: PreparedBatch) -> list[Outcome]:
+        if not prepared.attempts:
+            return cast(list[Outcome], prepared.outcomes)
+        document, grouped = _batch_request(prepared.attempts, prepared.now)
+        params = {"batch": document, "at": prepared.now, "epoch": prepared.epoch}
+        conn: Any = None
+        try:
+            conn = self._async_idle.pop() if self._async_idle else await _connect_async(self._conninfo)
+            cursor = await conn.execute(_pyformat(_RECORD_BATCH), params)
+            found = await cursor.fetchone()
+        except Exception as exc:
+            if conn is not None:
+                await _close_async_quietly(conn)
+            if not is_connectivity_error(exc):
+                # Refused for another reason: the thread path retries it one call at a time.
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor, lambda: self._record(self._checkout(), prepared)
+                )
+            log.warning("sign batch: the database is unreachable: %s", exc)
+            return _unreachable(prepared)
+        if self._closed:
+            await _close_async_quietly(conn)
+        else:
+            self._async_idle.append(conn)
+        result = found[0]
+        try:
+            _settle_recorded(
+                prepared.attempts, grouped, json.loads(result) if isinstance(result, str) else result
+            )
+        except StaleReads:
+            self._cache.forget()
+            raise
+        self._cache.denied(prepared.attempts)
+        return _answers(prepared)
 
     def _write_when_free(
         self,
@@ -1532,6 +1671,16 @@ class SignBatcher:
         else:
             self._in_flight -= 1
 
+    async def aclose(self) -> None:
+        """`close`, after the batches on the loop and their asyncio connections."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closed = True
+        idle, self._async_idle = self._async_idle, []
+        for conn in idle:
+            await _close_async_quietly(conn)
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         with self._lock:
@@ -1542,6 +1691,24 @@ class SignBatcher:
             _close_quietly(db)
         if checkpointer is not None:
             checkpointer.close()
+
+
+def _conninfo(engine: Engine) -> str:
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _connect_async(conninfo: str | None) -> Any:
+    import psycopg
+
+    assert conninfo is not None
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+
+
+async def _close_async_quietly(conn: Any) -> None:
+    try:
+        await conn.close()
+    except Exception:  # noqa: S110 - nothing more to do with a connection being dropped
+        pass
 
 
 def _close_quietly(db: SqliteDatabase | PostgresDatabase) -> None:

@@ -18,7 +18,15 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlmodel import Session
 
-from core.errors import ApprovalRequired, BadRequest, Forbidden, NotFound, SigngateError, Unauthorized
+from core.errors import (
+    ApprovalRequired,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    SigngateError,
+    Unauthorized,
+    Unavailable,
+)
 from store import audit
 from store.fastsign import PreparedBatch, SignBatcher, SignCall, SqliteDatabase, open_database, run_batch
 from store.models import ApiToken, AuditEvent, Grant, Identity, SigningOperation
@@ -26,6 +34,7 @@ from store.signing import SignResult
 from tests.conftest import Api, Ident, db_backend, insert_grant
 
 sqlite_only = pytest.mark.skipif(db_backend() != "sqlite", reason="SQLite only")
+postgresql_only = pytest.mark.skipif(db_backend() != "postgresql", reason="PostgreSQL only")
 
 DIGEST = base64.b64encode(hashlib.sha256(b"release 1.0").digest()).decode()
 
@@ -257,48 +266,68 @@ async def test_calls_of_one_loop_turn_share_a_batch(api: Api, app: Any, engine: 
     assert chain_report(engine).valid
 
 
-async def test_ec_batches_run_on_the_loop_once_the_key_is_known(api: Api, app: Any, engine: Engine) -> None:
-    """SQLite only: a batch for signers last seen with an EC key skips the thread; RSA never does."""
+def record_paths(batcher: SignBatcher) -> list[str]:
+    """Where each batch of `batcher` is recorded from: the name of the thread that runs its
+    write side, or "async" for one recorded over an asyncio connection (PostgreSQL)."""
     import threading
 
+    paths: list[str] = []
+    record, commit_async = batcher._record, batcher._commit_async
+
+    def recording(db: Any, prepared: PreparedBatch) -> Any:
+        paths.append(threading.current_thread().name)
+        return record(db, prepared)
+
+    async def committing(prepared: PreparedBatch) -> Any:
+        paths.append("async")
+        return await commit_async(prepared)
+
+    batcher._record = recording  # type: ignore[method-assign]
+    batcher._commit_async = committing  # type: ignore[method-assign]
+    return paths
+
+
+async def test_batches_run_on_the_loop_once_their_reads_are_known(api: Api, app: Any, engine: Engine) -> None:
+    """SQLite: a batch for signers last seen with an EC key skips the thread; RSA never does.
+    PostgreSQL: a batch whose reads all come from the cache is signed on the loop, EC or RSA,
+    and recorded over an asyncio connection; the first one, which reads, runs on a thread."""
+    import threading
+
+    on_loop = threading.current_thread().name
+    on_sqlite = engine.url.get_backend_name() == "sqlite"
     member = await api.identity(scopes=["codesign:sign"])
     ec_signer = await policy_signer(api, [member])
     insert_grant(engine, signer_id=ec_signer["id"], identity_id=member.id, operations=3)
     batcher = SignBatcher(engine, app.state.ctx.key_store)
-    threads: list[str] = []
-    original = batcher._record
-
-    def recording(db: Any, prepared: PreparedBatch) -> Any:
-        threads.append(threading.current_thread().name)
-        return original(db, prepared)
-
-    batcher._record = recording  # type: ignore[method-assign]
+    paths = record_paths(batcher)
     try:
         outcomes = [
             await asyncio.gather(batcher.sign(call(member, ec_signer["id"])), return_exceptions=True)
             for _ in range(4)
         ]
     finally:
-        batcher.close()
-    on_loop = threading.current_thread().name
-    if engine.url.get_backend_name() == "sqlite":
-        assert threads[0] != on_loop and threads[1:] == [on_loop] * 3
-    else:
-        assert on_loop not in threads
+        await batcher.aclose()
+    assert paths[0] != on_loop and paths[0] != "async"
+    assert paths[1:] == [on_loop if on_sqlite else "async"] * 3
     assert [type(o[0]) for o in outcomes] == [SignResult] * 3 + [ApprovalRequired]
     assert Counter(op.status for op in operations_of(engine, ec_signer["id"])) == {"success": 3, "denied": 1}
 
     rsa_signer = await api.signer(members=[member], key_algorithm="RSA_2048")
-    threads.clear()
     batcher = SignBatcher(engine, app.state.ctx.key_store)
-    original = batcher._record
-    batcher._record = recording  # type: ignore[method-assign]
+    paths = record_paths(batcher)
     try:
-        for _ in range(2):
+        results = [
             await batcher.sign(call(member, rsa_signer["id"], signing_algorithm="RSASSA_PKCS1_V1_5_SHA256"))
+            for _ in range(3)
+        ]
     finally:
-        batcher.close()
-    assert len(threads) == 2 and on_loop not in threads
+        await batcher.aclose()
+    assert len(paths) == 3 and paths[0] not in (on_loop, "async")
+    if on_sqlite:
+        assert on_loop not in paths and "async" not in paths
+    else:
+        assert paths[1:] == ["async", "async"]
+    assert {op.id for op in operations_of(engine, rsa_signer["id"])} == {r.operation_id for r in results}
     assert chain_report(engine).valid
 
 
@@ -582,10 +611,10 @@ async def test_the_batcher_signs_again_when_the_epoch_moved_under_a_batch(
     signer = await policy_signer(api, [member])
     grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=10)
     batcher = SignBatcher(engine, app.state.ctx.key_store)
-    original = batcher._record
+    original, original_async = batcher._record, batcher._commit_async
     records: list[int | None] = []
 
-    def bump_once(db: Any, prepared: PreparedBatch) -> Any:
+    def bump_once(prepared: PreparedBatch) -> None:
         records.append(prepared.epoch)
         if len(records) == 2:  # a change lands between this batch's reads and its record
             with Session(engine) as session:
@@ -593,13 +622,21 @@ async def test_the_batcher_signs_again_when_the_epoch_moved_under_a_batch(
                     update(Identity).where(Identity.id == member.id).values(email="x@example.org")
                 )  # type: ignore[arg-type]
                 session.commit()
+
+    def record(db: Any, prepared: PreparedBatch) -> Any:
+        bump_once(prepared)
         return original(db, prepared)
 
-    batcher._record = bump_once  # type: ignore[method-assign]
+    async def commit_async(prepared: PreparedBatch) -> Any:
+        bump_once(prepared)
+        return await original_async(prepared)
+
+    batcher._record = record  # type: ignore[method-assign]
+    batcher._commit_async = commit_async  # type: ignore[method-assign]
     try:
         results = [await batcher.sign(call(member, signer["id"])) for _ in range(3)]
     finally:
-        batcher.close()
+        await batcher.aclose()
     assert [r.grant_id for r in results] == [grant_id] * 3
     assert len({r.operation_id for r in results}) == 3
     assert [op.status for op in operations_of(engine, signer["id"])] == ["success"] * 3
@@ -613,4 +650,39 @@ async def test_the_batcher_signs_again_when_the_epoch_moved_under_a_batch(
         assert again > second
     else:
         assert len(records) == 3
+    assert chain_report(engine).valid
+
+
+@postgresql_only
+async def test_a_batch_whose_connection_was_lost_is_503_and_the_next_one_reconnects(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """PostgreSQL, a batch recorded from the loop over an asyncio connection that the server has
+    closed meanwhile: its calls get 503 and nothing of it is recorded or spent; the next batch
+    opens a new connection and is recorded."""
+    import psycopg
+
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=10)
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    paths = record_paths(batcher)
+    try:
+        first = [await batcher.sign(call(member, signer["id"])) for _ in range(2)]  # a thread, then async
+        [idle] = batcher._async_idle
+        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (idle.info.backend_pid,))
+        lost = await asyncio.gather(batcher.sign(call(member, signer["id"])), return_exceptions=True)
+        after = await batcher.sign(call(member, signer["id"]))
+    finally:
+        await batcher.aclose()
+    assert paths[1:] == ["async"] * 3
+    assert isinstance(lost[0], Unavailable) and lost[0].status_code == 503
+    results = [*first, after]
+    assert all(r.grant_id == grant_id for r in results)
+    assert {op.id for op in operations_of(engine, signer["id"])} == {r.operation_id for r in results}
+    with Session(engine) as session:
+        grant = session.get(Grant, grant_id)
+        assert grant is not None and grant.used_sign_operations == 3
     assert chain_report(engine).valid
