@@ -1240,12 +1240,17 @@ def _batch_document(
     }
     if any("sig_req" in document for document in documents):
         batch["signatures"] = True
-    return json.dumps(batch, separators=(",", ":"), ensure_ascii=False)
+    return _COMPACT.encode(batch)
+
+
+# json.dumps with any non-default option builds an encoder per call; these are built once.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _canonical(value: Any) -> str:
-    """A JSON value as `audit.event_hash` writes it."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """A JSON value as `audit.event_hash` writes it (json.dumps with its options)."""
+    return _CANONICAL.encode(value)
 
 
 def run_batch(

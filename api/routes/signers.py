@@ -345,10 +345,15 @@ _JSON_HEADER = (b"content-type", b"application/json")
 _UNAUTHORIZED_HEADER = (b"www-authenticate", b"Bearer")
 
 
+# json.dumps with any non-default option builds an encoder per call; these are built once.
+_ERROR_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ANSWER_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _error_body(exc: SigngateError) -> bytes:
     # As `api.errors.error_response` (a JSONResponse) renders it.
     content = {"error": exc.code, "error_description": exc.description}
-    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    return _ERROR_ENCODER.encode(content).encode()
 
 
 async def _sign_answer(
@@ -386,7 +391,7 @@ async def _sign_answer(
         "grantId": result.grant_id,
         "operationId": result.operation_id,
     }
-    return 200, json.dumps(answer, separators=(",", ":")).encode(), None
+    return 200, _ANSWER_ENCODER.encode(answer).encode(), None
 
 
 class FastSignEndpoint:
