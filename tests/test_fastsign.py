@@ -686,3 +686,36 @@ async def test_a_batch_whose_connection_was_lost_is_503_and_the_next_one_reconne
         grant = session.get(Grant, grant_id)
         assert grant is not None and grant.used_sign_operations == 3
     assert chain_report(engine).valid
+
+
+async def test_a_hundred_calls_over_two_batchers_spend_exactly_the_three_operations_left(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """Two batchers (as two API processes) with their reads cached, 50 concurrent calls each,
+    on a grant with 3 operations left: exactly 3 signatures, the rest refused and recorded as
+    denied. On PostgreSQL both batches are recorded concurrently over asyncio connections."""
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=5)
+    batchers = [SignBatcher(engine, app.state.ctx.key_store) for _ in range(2)]
+    paths = [record_paths(batcher) for batcher in batchers]
+    try:
+        for batcher in batchers:  # each reads the rows once (and spends 1 operation)
+            await batcher.sign(call(member, signer["id"]))
+        outcomes = await asyncio.gather(
+            *[batcher.sign(call(member, signer["id"])) for _ in range(50) for batcher in batchers],
+            return_exceptions=True,
+        )
+    finally:
+        for batcher in batchers:
+            await batcher.aclose()
+    signed = [o for o in outcomes if isinstance(o, SignResult)]
+    assert len(signed) == 3 and {s.grant_id for s in signed} == {grant_id}
+    assert all(isinstance(o, ApprovalRequired) for o in outcomes if not isinstance(o, SignResult))
+    with Session(engine) as session:
+        grant = session.get(Grant, grant_id)
+        assert grant is not None and (grant.used_sign_operations, grant.status) == (5, "exhausted")
+    assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 5, "denied": 97}
+    if engine.url.get_backend_name() == "postgresql":
+        assert all(len(p) == 2 and p[1] == "async" for p in paths)
+    assert chain_report(engine).valid
