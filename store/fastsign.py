@@ -1403,14 +1403,15 @@ class SignBatcher:
     """Group commit for one API process: the calls that arrive while batches are being decided
     and committed share the next one.
 
-    Batches run on threads of their own, each with its own connection, so the event loop keeps
-    reading and answering requests while a batch waits for the database or signs. Up to
-    `max_in_flight` batches run at once: while one holds the write lock or waits for its
-    COMMIT, the next reads and signs (RSA signatures release the GIL, so they use the other
-    core); their writes still queue on the database's lock, in order. By default 2 on SQLite
-    and 3 on PostgreSQL, where a batch also waits for its round trips (measured with 2 processes,
-    RSA-2048, 8 clients: 3 gave about 5% more signatures per second than 2 or 4 on PostgreSQL,
-    and no difference on SQLite).
+    By default a batch runs on a thread of its own, with its own connection, so the event loop
+    keeps reading and answering requests while a batch waits for the database or signs (the
+    two exceptions follow). Up to `max_in_flight` batches run at once: while one holds the
+    write lock or waits for its COMMIT, the next reads and signs (RSA signatures release the
+    GIL, so they use the other core); their writes still queue on the database's lock, in
+    order. By default 2 on SQLite and 3 on PostgreSQL, where a batch also waits for its round
+    trips (measured with 2 processes, RSA-2048, 8 clients: with every batch on a thread, 3 gave
+    about 5% more signatures per second than 2 or 4; with the asyncio path below, 3 and 6
+    measured alike and 2 about 4% less; on SQLite 2 and 3 made no difference).
 
     On SQLite a batch whose calls all go to signers last seen with an EC key runs on the event
     loop instead, one at a time: an ECDSA signature and a local commit cost less than the hop to
@@ -1425,7 +1426,7 @@ class SignBatcher:
     server, the loop answers, reads and signs the next batches, with no thread handoff and no
     GIL shared with signing threads (measured with 2 processes, RSA-2048, 8 clients: about
     1.1x OpenBao against 0.95-1.0x with every batch on a thread). A batch that must read goes
-    to a thread, as before. The loop then signs for as long as one batch's RSA signatures take
+    to a thread. Signing on the loop holds it for as long as one batch's RSA signatures take
     (about 250 µs each).
     """
 
