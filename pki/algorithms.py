@@ -6,6 +6,7 @@ The names are part of the public API (requests, database rows), so they are clos
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, get_args
 
 from pki.errors import UnsupportedAlgorithm
@@ -101,8 +102,10 @@ def hash_digest_size(name: str) -> int:
     return _DIGEST_SIZES[check_hash_name(name)]
 
 
+@functools.lru_cache(maxsize=64)
 def check_algorithm(key_algorithm: str, signing_algorithm: str) -> None:
-    """Refuse a signing algorithm that is unknown or cannot be used with the key."""
+    """Refuse a signing algorithm that is unknown or cannot be used with the key. A pair that
+    passes is remembered (every sign call checks one); a refusal is raised each time."""
     check_signing_algorithm(signing_algorithm)
     if signing_algorithm not in supported_algorithms(key_algorithm):
         raise UnsupportedAlgorithm(f"{signing_algorithm} cannot be used with a {key_algorithm} key")

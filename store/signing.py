@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,22 +118,13 @@ def decode_data(data_b64: str) -> bytes:
     return data
 
 
-@functools.lru_cache(maxsize=64)
-def _usable_with(key_algorithm: str, signing_algorithm: str) -> bool:
-    """True, or the refusal raised (refusals are not kept)."""
-    from pki.algorithms import check_algorithm
-
-    check_algorithm(key_algorithm, signing_algorithm)
-    return True
-
-
 def decode_sign_data(data_b64: str, signing_algorithm: str, key_algorithm: str, is_digest: bool) -> bytes:
     """Check the input before anything is recorded: bad input changes nothing."""
-    from pki.algorithms import digest_size
+    from pki.algorithms import check_algorithm, digest_size
     from pki.errors import PkiError
 
     try:
-        _usable_with(key_algorithm, signing_algorithm)
+        check_algorithm(key_algorithm, signing_algorithm)
         data = decode_data(data_b64)
     except PkiError as exc:
         raise BadRequest(exc.message, code=exc.code) from exc
