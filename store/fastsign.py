@@ -430,7 +430,8 @@ class PostgresDatabase:
     def read_time(self, value: Any) -> datetime | None:
         return None if value is None else as_utc(value)
 
-    def read_json(self, value: Any) -> Any:
+    @staticmethod
+    def read_json(value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
 
@@ -1558,11 +1559,8 @@ class SignBatcher:
             await _close_async_quietly(conn)
         else:
             self._async_idle.append(conn)
-        result = found[0]
         try:
-            _settle_recorded(
-                prepared.attempts, grouped, json.loads(result) if isinstance(result, str) else result
-            )
+            _settle_recorded(prepared.attempts, grouped, PostgresDatabase.read_json(found[0]))
         except StaleReads:
             self._cache.forget()
             raise
