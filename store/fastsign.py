@@ -44,6 +44,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -78,6 +79,9 @@ log = logging.getLogger(__name__)
 
 SIGN_SCOPE = "codesign:sign"
 MAX_BATCH = 128
+# SQLite: how long a batch ready to write retries the writers' lock on the event loop before a
+# thread waits for it (see `SignBatcher._write_when_free`).
+SPIN_SECONDS = 0.002
 
 _UNAUTHORIZED = "a valid bearer token is required"
 
@@ -801,6 +805,9 @@ def _load(
     return key, row[10] is not None, row[11] is not None
 
 
+_Resolved = tuple[audit.Actor, SignerKey, bool, bool]  # caller, signer key, member, grant in sight
+
+
 def _prepare(
     db: Database,
     key_store: CachingKeyStore,
@@ -808,8 +815,14 @@ def _prepare(
     index: int,
     now: datetime,
     key_algorithms: dict[str, str] | None = None,
+    resolved: dict[tuple[str | None, str], _Resolved] | None = None,
 ) -> _Attempt:
-    """Phase 1 for one call: raise what is answered without a record, else the attempt to record."""
+    """Phase 1 for one call: raise what is answered without a record, else the attempt to record.
+
+    `resolved`: the batch's callers already authenticated and their signers loaded, by token and
+    signer. The calls of one batch share one instant and one snapshot of the rows, so a second
+    call with the same token to the same signer would read and decide the same; it takes the
+    first one's answer instead (what is refused is not kept: it is decided again)."""
     from pki.errors import KeyDecryptionError, PkiError, SigningError
     from pki.signing import sign as pki_sign
 
@@ -817,10 +830,16 @@ def _prepare(
         actor = call.actor
         key, _, grant_in_sight = _load(db, call, actor.id, now)
     else:
-        principal, scopes = authenticate(db, call.token, now)
-        if SIGN_SCOPE not in scopes:
-            raise Forbidden(f"this call needs the {SIGN_SCOPE} scope")
-        key, member, grant_in_sight = _load(db, call, principal.id, now)
+        known = resolved.get((call.token, call.signer_id)) if resolved is not None else None
+        if known is None:
+            principal, scopes = authenticate(db, call.token, now)
+            if SIGN_SCOPE not in scopes:
+                raise Forbidden(f"this call needs the {SIGN_SCOPE} scope")
+            key, member, grant_in_sight = _load(db, call, principal.id, now)
+            if resolved is not None:
+                resolved[(call.token, call.signer_id)] = (principal, key, member, grant_in_sight)
+        else:
+            principal, key, member, grant_in_sight = known
         if not member:
             raise Forbidden("the caller is not a member of this signer", code="not_member")
         actor = audit.Actor(id=principal.id, name=principal.name, ip_address=call.ip_address)
@@ -1312,10 +1331,11 @@ def prepare_batch(
             reads = _BatchReads(db, cache, epoch)
         else:
             reads = _BatchReads(db)
+        resolved: dict[tuple[str | None, str], _Resolved] = {}
         for index, call in enumerate(calls):
             try:
                 prepared.attempts.append(
-                    _prepare(cast(Database, reads), key_store, call, index, now, key_algorithms)
+                    _prepare(cast(Database, reads), key_store, call, index, now, key_algorithms, resolved)
                 )
             except SigngateError as exc:
                 prepared.outcomes[index] = exc
@@ -1417,7 +1437,8 @@ class SignBatcher:
     On SQLite a batch whose calls all go to signers last seen with an EC key runs on the event
     loop instead, one at a time: an ECDSA signature and a local commit cost less than the hop to
     a thread and back. Its reads and signatures come first, without the writers' lock; only its
-    write transaction needs the lock, and waits for it on a thread if another process holds it.
+    write transaction needs the lock; if another process holds it, the batch retries it on the
+    loop's next turns for up to `SPIN_SECONDS`, then waits for it on a thread.
     RSA signatures (about 250 µs each) go to the threads on SQLite. On SQLite a
     `WalCheckpointer` keeps WAL checkpoints out of the batches' commits.
 
@@ -1446,6 +1467,7 @@ class SignBatcher:
         if max_in_flight is None:
             max_in_flight = 2 if on_sqlite else 3
         self.max_in_flight = max_in_flight
+        self.spin_seconds = SPIN_SECONDS
         self._idle: list[SqliteDatabase | PostgresDatabase] = []  # connections not in use
         self._pending: list[tuple[SignCall, asyncio.Future[Outcome]]] = []
         self._in_flight = 0
@@ -1573,11 +1595,13 @@ class SignBatcher:
         batch: list[tuple[SignCall, asyncio.Future[Outcome]]],
         db: SqliteDatabase,
         prepared: PreparedBatch,
+        since: float | None = None,
     ) -> None:
         """Phase 2 of a prepared batch, on the loop, once the writers' lock is free: if another
-        process holds it, a thread waits until it is let go and the loop tries again (the loop
-        never waits for another writer, and the write itself never waits on a thread for the
-        GIL while holding the lock that the other processes wait for)."""
+        process holds it, the loop tries again on its next turns (since `since`) and then a
+        thread waits until it is let go (the loop never blocks on another writer, and the write
+        itself never waits on a thread for the GIL while holding the lock that the other
+        processes wait for)."""
         if not prepared.attempts or db.try_lock():
             done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
             try:
@@ -1585,6 +1609,17 @@ class SignBatcher:
             except Exception as exc:  # handed to the callers, as from a thread
                 done.set_exception(exc)
             self._finish(loop, batch, done)
+            return
+        # Another process holds the lock, as a rule for one batch of its own (a few hundred µs):
+        # try again on the loop's next turns, between its other work, for up to `SPIN_SECONDS`.
+        # Handing that short wait to a thread costs more than it: the thread's wake-up, its turn
+        # at the GIL and the loop's wake-up (measured with 2 processes, ECDSA, 8 clients: about
+        # 7% more signatures a second). A longer hold goes to a thread.
+        now = time.monotonic()
+        if since is None:
+            since = now
+        if now - since < self.spin_seconds:
+            loop.call_soon(self._write_when_free, loop, batch, db, prepared, since)
             return
         waited = self._executor.submit(db.wait_until_free)
         waited.add_done_callback(

@@ -159,6 +159,11 @@ async def test_a_mixed_batch_answers_each_call_on_its_own(api: Api, app: Any, en
         call(member, open_signer["id"], data_b64="%%"),  # 400, not recorded
         call(member, grant_signer["id"]),  # 403 approval_required, recorded as denied
         call(member, open_signer["id"], is_digest=False, data_b64=base64.b64encode(b"x").decode()),  # signed
+        # The same callers again, in the same batch: the same answers.
+        call(outsider, open_signer["id"]),
+        call(revoked, open_signer["id"]),
+        call(member, grant_signer["id"]),
+        call(no_scope, open_signer["id"]),
     ]
     db = open_database(engine)
     try:
@@ -176,11 +181,15 @@ async def test_a_mixed_batch_answers_each_call_on_its_own(api: Api, app: Any, en
         (BadRequest, "invalid_data"),
         (ApprovalRequired, "approval_required"),
         SignResult,
+        (Forbidden, "not_member"),
+        (Unauthorized, "unauthorized"),
+        (ApprovalRequired, "approval_required"),
+        (Forbidden, "forbidden"),
     ]
     assert Counter(op.status for op in operations_of(engine, open_signer["id"])) == {"success": 2}
-    assert [op.status for op in operations_of(engine, grant_signer["id"])] == ["denied"]
+    assert [op.status for op in operations_of(engine, grant_signer["id"])] == ["denied", "denied"]
     report = chain_report(engine)
-    assert report.valid and report.count - before.count == 3
+    assert report.valid and report.count - before.count == 4
 
 
 async def test_recorded_events_hash_as_the_audit_chain_does_whatever_the_names_hold(
@@ -402,6 +411,53 @@ async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engin
         os.close(other_writer)
         batcher.close()
     assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 2}
+
+
+@sqlite_only  # PostgreSQL batches take no writers' lock
+async def test_a_short_wait_for_the_writers_lock_stays_on_the_loop(
+    api: Api, app: Any, engine: Engine, monkeypatch: Any
+) -> None:
+    """SQLite: a lock another process lets go of within the spin window is taken on the loop's
+    next turns, without a thread waiting for it; past the window a thread waits."""
+    import fcntl
+    import os
+
+    from store.fastsign import SqliteDatabase
+
+    waits: list[int] = []
+    original = SqliteDatabase.wait_until_free
+
+    def counted(self: SqliteDatabase) -> None:
+        waits.append(1)
+        original(self)
+
+    monkeypatch.setattr(SqliteDatabase, "wait_until_free", counted)
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    other_writer = os.open(f"{engine.url.database}.sign-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await batcher.sign(call(member, signer["id"]))  # learns the EC key
+        batcher.spin_seconds = 60.0
+        fcntl.flock(other_writer, fcntl.LOCK_EX)
+        pending = asyncio.ensure_future(batcher.sign(call(member, signer["id"])))
+        for _ in range(20):  # the loop keeps turning while the call retries the lock
+            await asyncio.sleep(0.001)
+        assert not pending.done()
+        fcntl.flock(other_writer, fcntl.LOCK_UN)
+        assert isinstance(await asyncio.wait_for(pending, 10), SignResult)
+        assert waits == []
+        batcher.spin_seconds = 0.0
+        fcntl.flock(other_writer, fcntl.LOCK_EX)
+        pending = asyncio.ensure_future(batcher.sign(call(member, signer["id"])))
+        await asyncio.sleep(0.05)
+        fcntl.flock(other_writer, fcntl.LOCK_UN)
+        assert isinstance(await asyncio.wait_for(pending, 10), SignResult)
+        assert waits == [1]
+    finally:
+        os.close(other_writer)
+        batcher.close()
+    assert Counter(op.status for op in operations_of(engine, signer["id"])) == {"success": 3}
 
 
 @sqlite_only  # PostgreSQL batches run on threads, and it has no WAL file to checkpoint
