@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import Engine, insert, or_, select, text, update
+from sqlmodel import col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -33,7 +34,7 @@ from core.schemas import (
     SignArtifactOutcome,
 )
 from core.timeutil import utcnow
-from store import audit
+from store import audit, deferred
 from store.db import session_scope
 from store.models import AuditEvent, Certificate, Grant, PreApproval, SigningRequest
 
@@ -160,8 +161,13 @@ class RequestActivities:
         with session_scope(self.engine) as session:
             released = session.execute(
                 select(AuditEvent.id).where(  # type: ignore[call-overload]
-                    AuditEvent.request_id == input.request_id,
-                    AuditEvent.action == "pre_approval.released",
+                    *deferred.visible(
+                        session,
+                        [
+                            col(AuditEvent.request_id) == input.request_id,
+                            col(AuditEvent.action) == "pre_approval.released",
+                        ],
+                    )
                 )
             ).first()
             row = session.get(PreApproval, input.pre_approval_id, with_for_update=True)
@@ -202,8 +208,13 @@ def _claim_pre_approval(session: Any, input: ClaimPreApprovalInput) -> str | Non
     now = utcnow()
     earlier = session.execute(
         select(AuditEvent.entity_id).where(  # type: ignore[call-overload]
-            AuditEvent.request_id == input.request_id,
-            AuditEvent.action == "pre_approval.used",
+            *deferred.visible(
+                session,
+                [
+                    col(AuditEvent.request_id) == input.request_id,
+                    col(AuditEvent.action) == "pre_approval.used",
+                ],
+            )
         )
     ).first()
     if earlier is not None:
@@ -596,8 +607,13 @@ def _not_yet_recorded(session: Any, request_id: str, notes: list[AuditNote]) -> 
     recorded = set(
         session.execute(
             select(AuditEvent.action).where(  # type: ignore[call-overload]
-                AuditEvent.request_id == request_id,
-                AuditEvent.action.in_([n.action for n in notes]),  # type: ignore[attr-defined]
+                *deferred.visible(
+                    session,
+                    [
+                        col(AuditEvent.request_id) == request_id,
+                        col(AuditEvent.action).in_([n.action for n in notes]),
+                    ],
+                )
             )
         ).scalars()
     )

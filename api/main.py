@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from api.context import AppContext
 from api.errors import install_error_handlers, internal_error_response
 from core.config import Settings
 from core.runtime import freeze_startup_objects
+from store import deferred
 from store.db import make_engine
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ def create_app(
 
             ctx.temporal = await connect(settings, lazy=True)
             ctx.owns_temporal = True
+        # SQLite: audit events a process that stopped without filing them left pending.
+        await asyncio.to_thread(deferred.file_all_of, ctx.engine)
         freeze_startup_objects()
         yield
         batcher = ctx.extra.pop("sign_batcher", None)

@@ -144,9 +144,9 @@ _READ_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
 _SET_HEAD = "UPDATE audit_head SET seq = :seq, hash = :hash WHERE id = 1"
 _INSERT_EVENT = """
 INSERT INTO audit_events (id, seq, at, actor_id, actor_name, action, entity_type, entity_id,
-    request_id, data, ip_address, prev_hash, hash)
+    request_id, data, ip_address, prev_hash, hash, indexed)
 VALUES (:id, :seq, :at, :actor_id, :actor_name, :action, 'signing_operation', :entity_id,
-    :request_id, :data, :ip_address, :prev_hash, :hash)
+    :request_id, :data, :ip_address, :prev_hash, :hash, :indexed)
 """
 _STORE_SIGNATURE = "UPDATE signing_requests SET signature = :signature WHERE id = :request_id"
 
@@ -187,6 +187,9 @@ class SqliteDatabase:
         self._time_memo: tuple[datetime | None, Any] = (None, None)
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
         self._locked = False
+        # Audit events written with `indexed = 0`, for a `WalCheckpointer` to file (the
+        # connections of a `SignBatcher`, whose process runs one).
+        self.defer_indexes = False
         # Row -> what `authenticate` and `_load` make of it (times and JSON parsed): a pure
         # function of the row's values, so a row read again, changed or not, is never misread.
         self.parsed: dict[tuple[Any, ...], Any] = {}
@@ -306,13 +309,20 @@ class WalCheckpointer:
     `CATCH_UP_FRAMES` frames, the next checkpoint runs holding the sign writers' lock
     (`lock_path`): only the frames appended since the last one are left to copy, and the next
     sign writer starts the WAL over from its beginning. Sign writes wait for that short
-    checkpoint, a few times a minute under full load."""
+    checkpoint, a few times a minute under full load.
+
+    Once a second (`file_interval`), and when it stops, it also files the audit events this
+    process's batches wrote with `indexed = 0` into their filter indexes (`store.deferred`), in
+    transactions of up to 2,000 events under the writers' lock."""
 
     CATCH_UP_FRAMES = 8192  # 32 MB of 4 KB pages
 
-    def __init__(self, path: str, interval: float = 0.1, *, lock_path: str | None = None) -> None:
+    def __init__(
+        self, path: str, interval: float = 0.1, *, lock_path: str | None = None, file_interval: float = 1.0
+    ) -> None:
         self.path = path
         self.interval = interval
+        self.file_interval = file_interval
         self.lock_path = lock_path
         self.dirty = False
         self._stop = threading.Event()
@@ -324,10 +334,15 @@ class WalCheckpointer:
         lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600) if self.lock_path else None
         try:
             behind = False
+            filed_at = time.monotonic()
             while not self._stop.wait(self.interval):
                 if self.dirty:  # an idle database is left alone, long WAL or not
                     self.dirty = False
+                    if time.monotonic() - filed_at >= self.file_interval:
+                        self.file(conn, lock_fd)
+                        filed_at = time.monotonic()
                     behind = self._round(conn, lock_fd, catch_up=behind)
+            self.file(conn, lock_fd)
             self.checkpoint(conn)
         finally:
             conn.close()
@@ -347,6 +362,17 @@ class WalCheckpointer:
         else:
             frames, _ = self.checkpoint(conn)
         return frames > self.CATCH_UP_FRAMES
+
+    @staticmethod
+    def file(conn: sqlite3.Connection, lock_fd: int | None) -> None:
+        """The audit events this process's batches left out of the filter indexes, filed
+        (`store.deferred.file_all`)."""
+        from store.deferred import file_all
+
+        try:
+            file_all(conn, lock_fd)
+        except sqlite3.Error as exc:  # they stay pending, found by every query, filed next time
+            log.warning("filing audit events into their indexes failed: %s", exc)
 
     @staticmethod
     def checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -1045,10 +1071,11 @@ class _EventTexts:
 
 
 def _event_rows(
-    attempts: Sequence[_Attempt], texts: _EventTexts, head_seq: int, head_hash: str, at: Any
+    attempts: Sequence[_Attempt], texts: _EventTexts, head_seq: int, head_hash: str, at: Any, indexed: int = 1
 ) -> tuple[list[dict[str, Any]], str]:
     """SQLite: one audit event per attempt at `at` (the batch's instant, as its operations),
-    chained in order after the head: the rows and the new head hash."""
+    chained in order after the head: the rows and the new head hash. `indexed` 0: left for
+    `store.deferred` to file into the filter indexes."""
     seq, prev_hash = head_seq, head_hash
     json_of: dict[str | None, str] = {}  # error descriptions and ids, as JSON text
     events = []
@@ -1078,6 +1105,7 @@ def _event_rows(
                 "ip_address": actor.ip_address,
                 "prev_hash": prev_hash,
                 "hash": digest,
+                "indexed": indexed,
             }
         )
         prev_hash = digest
@@ -1117,7 +1145,8 @@ def _write(db: Database, attempts: Sequence[_Attempt], now: datetime, texts: _Ev
     )
     # The audit head is the last row written (the transaction already holds the write lock).
     seq, head_hash = db.rows(_READ_HEAD, {})[0]
-    events, last_hash = _event_rows(attempts, texts, int(seq), str(head_hash), at)
+    indexed = 0 if getattr(db, "defer_indexes", False) else 1
+    events, last_hash = _event_rows(attempts, texts, int(seq), str(head_hash), at, indexed)
     db.execute_many(_INSERT_EVENT, events)
     db.execute(_SET_HEAD, {"seq": int(seq) + len(attempts), "hash": last_hash})
     for row in _signature_rows(attempts):
@@ -1670,6 +1699,7 @@ class SignBatcher:
                     self._checkpointer = WalCheckpointer(path, lock_path=SqliteDatabase.lock_path_of(path))
                 if self._checkpointer is not None:
                     db.no_autocheckpoint()
+                    db.defer_indexes = True
         return db
 
     def _checkin(self, db: SqliteDatabase | PostgresDatabase) -> None:

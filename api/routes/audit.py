@@ -15,7 +15,7 @@ from api.deps import AuditorPrincipal, PageDep, SessionDep
 from api.schemas import ApiModel, Page
 from core.errors import BadRequest
 from core.timeutil import as_utc, rfc3339
-from store import audit
+from store import audit, deferred
 from store.models import AuditEvent
 
 router = APIRouter(tags=["audit"])
@@ -109,6 +109,7 @@ def list_audit_events(
     ):
         if wanted is not None:
             conditions.append(col(column) == wanted)
+    conditions = deferred.visible(session, conditions)
     if since is not None:
         conditions.append(col(AuditEvent.at) >= parse_since(since))
     total = session.exec(select(func.count()).select_from(AuditEvent).where(*conditions)).one()
