@@ -42,6 +42,13 @@ def pending(engine: Engine) -> tuple[int, int]:
     return int(waiting), int(mark)
 
 
+async def signing_member(api: Api, app: Any, engine: Engine) -> tuple[Ident, dict[str, Any], SignBatcher]:
+    """A caller who may sign, an EC signer of theirs, and a batcher of this app's."""
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    return member, signer, SignBatcher(engine, app.state.ctx.key_store)
+
+
 async def filtered(api: Api, **params: str) -> tuple[int, list[str]]:
     r = await api.call("GET", "/audit-events", api.admin, params={**params, "limit": "100"}, expect=200)
     body = r.json()
@@ -52,9 +59,7 @@ async def filtered(api: Api, **params: str) -> tuple[int, list[str]]:
 async def test_signed_events_are_found_by_every_filter_before_and_after_they_are_filed(
     api: Api, app: Any, engine: Engine
 ) -> None:
-    member = await api.identity(scopes=["codesign:sign"])
-    signer = await api.signer(members=[member])
-    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    member, signer, batcher = await signing_member(api, app, engine)
     try:
         results = await asyncio.gather(*(batcher.sign(call(member, signer["id"])) for _ in range(5)))
         # Written by the batcher: out of the filter indexes until the next filing.
@@ -88,9 +93,7 @@ async def test_signed_events_are_found_by_every_filter_before_and_after_they_are
 async def test_filing_moves_the_mark_a_chunk_at_a_time_and_queries_never_count_twice(
     api: Api, app: Any, engine: Engine
 ) -> None:
-    member = await api.identity(scopes=["codesign:sign"])
-    signer = await api.signer(members=[member])
-    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    member, signer, batcher = await signing_member(api, app, engine)
     try:
         for _ in range(3):
             await asyncio.gather(*(batcher.sign(call(member, signer["id"])) for _ in range(2)))
@@ -121,9 +124,7 @@ async def test_filing_moves_the_mark_a_chunk_at_a_time_and_queries_never_count_t
 
 @sqlite_only
 async def test_a_starting_api_files_what_a_stopped_process_left(api: Api, app: Any, engine: Engine) -> None:
-    member = await api.identity(scopes=["codesign:sign"])
-    signer = await api.signer(members=[member])
-    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    member, signer, batcher = await signing_member(api, app, engine)
     await asyncio.gather(*(batcher.sign(call(member, signer["id"])) for _ in range(4)))
     # A process that stops without filing: its batcher's checkpointer never gets to run.
     batcher._executor.shutdown(wait=True)

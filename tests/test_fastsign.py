@@ -384,6 +384,20 @@ async def test_an_unexpected_error_on_the_bare_route_is_the_contracts_500(
     assert r.json() == {"error": "internal_error", "error_description": "an internal error occurred"}
 
 
+async def batcher_beside_another_writer(
+    api: Api, app: Any, engine: Engine
+) -> tuple[Ident, dict[str, Any], SignBatcher, int]:
+    """A member, an EC signer, a batcher that has signed once (it knows the key is EC, so its
+    batches run on the loop) and the sign writers' lock file, open as another process would."""
+    import os
+
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await api.signer(members=[member])
+    batcher = SignBatcher(engine, app.state.ctx.key_store)
+    await batcher.sign(call(member, signer["id"]))
+    return member, signer, batcher, os.open(f"{engine.url.database}.sign-lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
 @sqlite_only  # PostgreSQL batches run on threads, and it has no WAL file to checkpoint
 async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engine: Engine) -> None:
     """SQLite: while another process holds the writers' lock, an EC batch goes to a thread and
@@ -391,12 +405,8 @@ async def test_the_loop_never_waits_for_another_writer(api: Api, app: Any, engin
     import fcntl
     import os
 
-    member = await api.identity(scopes=["codesign:sign"])
-    signer = await api.signer(members=[member])
-    batcher = SignBatcher(engine, app.state.ctx.key_store)
-    other_writer = os.open(f"{engine.url.database}.sign-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    member, signer, batcher, other_writer = await batcher_beside_another_writer(api, app, engine)
     try:
-        await batcher.sign(call(member, signer["id"]))  # learns the EC key
         fcntl.flock(other_writer, fcntl.LOCK_EX)
         pending = asyncio.ensure_future(batcher.sign(call(member, signer["id"])))
         ticks = 0
@@ -432,12 +442,8 @@ async def test_a_short_wait_for_the_writers_lock_stays_on_the_loop(
         original(self)
 
     monkeypatch.setattr(SqliteDatabase, "wait_until_free", counted)
-    member = await api.identity(scopes=["codesign:sign"])
-    signer = await api.signer(members=[member])
-    batcher = SignBatcher(engine, app.state.ctx.key_store)
-    other_writer = os.open(f"{engine.url.database}.sign-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    member, signer, batcher, other_writer = await batcher_beside_another_writer(api, app, engine)
     try:
-        await batcher.sign(call(member, signer["id"]))  # learns the EC key
         batcher.spin_seconds = 60.0
         fcntl.flock(other_writer, fcntl.LOCK_EX)
         pending = asyncio.ensure_future(batcher.sign(call(member, signer["id"])))
