@@ -122,10 +122,12 @@ def create_app(
 
             ctx.temporal = await connect(settings, lazy=True)
             ctx.owns_temporal = True
-        # SQLite: audit events a process that stopped without filing them left pending.
-        await asyncio.to_thread(deferred.file_all_of, ctx.engine)
+        # SQLite: the sign path's audit events, filed into the filter indexes once a second.
+        filer = deferred.start_filer(ctx.engine)
         freeze_startup_objects()
         yield
+        if filer is not None:
+            await asyncio.to_thread(filer.close)
         batcher = ctx.extra.pop("sign_batcher", None)
         if batcher is not None:
             await batcher.aclose()  # type: ignore[attr-defined]

@@ -4,9 +4,8 @@ Migration 0004 made the four filter indexes of `audit_events` (entity, actor, ac
 partial, `WHERE indexed = 1`. The SQLite sign path (`store.fastsign`, through a `SignBatcher`)
 writes its events with `indexed = 0`: each of its transactions, one every few hundred
 microseconds under load, then writes four index pages fewer. `file_all` puts them into the
-indexes in bulk, from the `WalCheckpointer` thread of each API process (once a second while it
-signs, and when it stops) and when an API process starts (what one that stopped without filing
-left pending).
+indexes in bulk, from a `Filer` thread in each API process: once a second, when it starts (what
+a process that stopped without filing left) and when it stops.
 
 The invariant: every event with `indexed = 0` has a seq past the mark in `index_marks`.
 `file_pending` sets `indexed = 1` on the events past the mark up to a bound and moves the mark
@@ -23,6 +22,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 from typing import Any
 
 from sqlalchemy import Engine, literal_column, select, union_all
@@ -82,24 +82,51 @@ def file_all(conn: sqlite3.Connection, lock_fd: int | None) -> int:
     return total
 
 
-def file_all_of(engine: Engine) -> int:
-    """`file_all` for an engine's SQLite database (an API process starting: what a process that
-    stopped without filing left pending, at most about a second of signing); 0 elsewhere."""
-    if engine.url.get_backend_name() != "sqlite" or not engine.url.database:
-        return 0
-    from store.fastsign import SqliteDatabase
+class Filer:
+    """Files the pending audit events once a second (`file_all`), from a thread of its own, and
+    once more when closed. Every API process on SQLite runs one (`start_filer`), whether or not
+    it signs: filing also moves the mark past the events other paths wrote, so the part of a
+    filtered query read through the seq index stays about a second long."""
 
-    path = str(engine.url.database)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-    lock_fd = os.open(SqliteDatabase.lock_path_of(path), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        return file_all(conn, lock_fd)
-    except sqlite3.Error as exc:  # they stay pending, found by every query, filed next time
-        log.warning("filing audit events into their indexes failed: %s", exc)
-        return 0
-    finally:
-        os.close(lock_fd)
-        conn.close()
+    def __init__(self, path: str, interval: float = 1.0) -> None:
+        from store.fastsign import SqliteDatabase
+
+        self.path = path
+        self.lock_path = SqliteDatabase.lock_path_of(path)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-index-filer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._file(conn, lock_fd)  # what a process that stopped without filing left
+            while not self._stop.wait(self.interval):
+                self._file(conn, lock_fd)
+            self._file(conn, lock_fd)
+        finally:
+            os.close(lock_fd)
+            conn.close()
+
+    @staticmethod
+    def _file(conn: sqlite3.Connection, lock_fd: int) -> None:
+        try:
+            file_all(conn, lock_fd)
+        except sqlite3.Error as exc:  # they stay pending, found by every query, filed next time
+            log.warning("filing audit events into their indexes failed: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def start_filer(engine: Engine) -> Filer | None:
+    """A `Filer` for an engine's SQLite database file; None elsewhere."""
+    if engine.url.get_backend_name() != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Filer(str(engine.url.database))
 
 
 def visible(session: Session, conditions: list[ColumnElement[bool]]) -> list[ColumnElement[bool]]:

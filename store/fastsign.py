@@ -187,8 +187,8 @@ class SqliteDatabase:
         self._time_memo: tuple[datetime | None, Any] = (None, None)
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
         self._locked = False
-        # Audit events written with `indexed = 0`, for a `WalCheckpointer` to file (the
-        # connections of a `SignBatcher`, whose process runs one).
+        # Audit events written with `indexed = 0`, for the process's `store.deferred.Filer`
+        # to file (the connections of a `SignBatcher`, which runs in an API process).
         self.defer_indexes = False
         # Row -> what `authenticate` and `_load` make of it (times and JSON parsed): a pure
         # function of the row's values, so a row read again, changed or not, is never misread.
@@ -309,20 +309,13 @@ class WalCheckpointer:
     `CATCH_UP_FRAMES` frames, the next checkpoint runs holding the sign writers' lock
     (`lock_path`): only the frames appended since the last one are left to copy, and the next
     sign writer starts the WAL over from its beginning. Sign writes wait for that short
-    checkpoint, a few times a minute under full load.
-
-    Once a second (`file_interval`), and when it stops, it also files the audit events this
-    process's batches wrote with `indexed = 0` into their filter indexes (`store.deferred`), in
-    transactions of up to 2,000 events under the writers' lock."""
+    checkpoint, a few times a minute under full load."""
 
     CATCH_UP_FRAMES = 8192  # 32 MB of 4 KB pages
 
-    def __init__(
-        self, path: str, interval: float = 0.1, *, lock_path: str | None = None, file_interval: float = 1.0
-    ) -> None:
+    def __init__(self, path: str, interval: float = 0.1, *, lock_path: str | None = None) -> None:
         self.path = path
         self.interval = interval
-        self.file_interval = file_interval
         self.lock_path = lock_path
         self.dirty = False
         self._stop = threading.Event()
@@ -334,15 +327,10 @@ class WalCheckpointer:
         lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600) if self.lock_path else None
         try:
             behind = False
-            filed_at = time.monotonic()
             while not self._stop.wait(self.interval):
                 if self.dirty:  # an idle database is left alone, long WAL or not
                     self.dirty = False
-                    if time.monotonic() - filed_at >= self.file_interval:
-                        self.file(conn, lock_fd)
-                        filed_at = time.monotonic()
                     behind = self._round(conn, lock_fd, catch_up=behind)
-            self.file(conn, lock_fd)
             self.checkpoint(conn)
         finally:
             conn.close()
@@ -362,17 +350,6 @@ class WalCheckpointer:
         else:
             frames, _ = self.checkpoint(conn)
         return frames > self.CATCH_UP_FRAMES
-
-    @staticmethod
-    def file(conn: sqlite3.Connection, lock_fd: int | None) -> None:
-        """The audit events this process's batches left out of the filter indexes, filed
-        (`store.deferred.file_all`)."""
-        from store.deferred import file_all
-
-        try:
-            file_all(conn, lock_fd)
-        except sqlite3.Error as exc:  # they stay pending, found by every query, filed next time
-            log.warning("filing audit events into their indexes failed: %s", exc)
 
     @staticmethod
     def checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:

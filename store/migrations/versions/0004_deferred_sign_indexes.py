@@ -9,11 +9,11 @@ On SQLite every sign batch commits its operations and their audit events in a tr
 its own, and each index of those tables is one more page written to the WAL (and read back
 after the other API process's commit) in every such transaction. The audit events' four filter
 indexes (entity, actor, action, request) are now partial, `WHERE indexed = 1`, and the sign
-path writes its events with `indexed = 0`. An API process's `WalCheckpointer` files them a few
-times a second, in one transaction: `indexed = 1` for every event past the mark in
-`index_marks`, and the mark moves to the last one. Pending events all lie past the mark, so a
-filtered query reads the filed ones through the partial indexes and the few pending ones
-through the sequence number (`store.deferred`). Every other writer, and everything on
+path writes its events with `indexed = 0`. A thread in each API process (`store.deferred.Filer`)
+files them once a second: `indexed = 1` for the events past the mark in `index_marks`, and the
+mark moves past them, in transactions of up to 2,000 events. Pending events all lie past the
+mark, so a filtered query reads the filed ones through the partial indexes and the few pending
+ones through the sequence number (`store.deferred`). Every other writer, and everything on
 PostgreSQL (whose indexes stay as they were), writes `indexed = 1`.
 
 `ix_signing_operations_grant_id` is dropped on both databases: no query reads it.
