@@ -123,7 +123,7 @@ def create_app(
             ctx.temporal = await connect(settings, lazy=True)
             ctx.owns_temporal = True
         # SQLite: the sign path's audit events, filed into the filter indexes once a second.
-        filer = deferred.start_filer(ctx.engine)
+        filer = deferred.start_filer(ctx.engine, settings.audit_filing_seconds)
         freeze_startup_objects()
         yield
         if filer is not None:

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     default_validity_days: int = 365
     update_rpc_timeout_seconds: float = 10.0
+    audit_filing_seconds: float = 1.0
     log_level: str = "INFO"
 
     @property

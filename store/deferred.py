@@ -122,11 +122,11 @@ class Filer:
         self._thread.join(timeout=30)
 
 
-def start_filer(engine: Engine) -> Filer | None:
+def start_filer(engine: Engine, interval: float = 1.0) -> Filer | None:
     """A `Filer` for an engine's SQLite database file; None elsewhere."""
     if engine.url.get_backend_name() != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return None
-    return Filer(str(engine.url.database))
+    return Filer(str(engine.url.database), interval)
 
 
 def visible(session: Session, conditions: list[ColumnElement[bool]]) -> list[ColumnElement[bool]]:

@@ -93,6 +93,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Set
         master_key=base64.b64encode(secrets.token_bytes(32)).decode(),
         task_queue=f"signgate-test-{uuid.uuid4().hex[:8]}",
         update_rpc_timeout_seconds=10,
+        # An app whose lifespan runs (the live API of the CLI tests) files the audit events only
+        # as it starts and stops: the deferred-index tests see what they write stay pending.
+        audit_filing_seconds=3600,
     )
 
 

@@ -203,3 +203,45 @@ def test_migration_0004_goes_down_and_up_again(tmp_path: Path) -> None:
         assert "indexed = 1" in sql
     finally:
         engine.dispose()
+
+
+@sqlite_only
+async def test_an_api_process_files_pending_events_while_it_runs(
+    api: Api, app: Any, engine: Engine, settings: Any, temporal_env: Any
+) -> None:
+    """Each API process runs a filer from its start to its stop, every
+    SIGNGATE_AUDIT_FILING_SECONDS."""
+    import threading
+
+    from api.main import create_app
+
+    member, signer, batcher = await signing_member(api, app, engine)
+    await asyncio.gather(*(batcher.sign(call(member, signer["id"])) for _ in range(3)))
+    batcher.close()
+    assert pending(engine)[0] == 3
+    process = create_app(
+        settings.model_copy(update={"audit_filing_seconds": 0.05}),
+        engine=engine,
+        temporal=temporal_env.client,
+    )
+
+    async def filed() -> bool:
+        for _ in range(200):
+            waiting, mark = pending(engine)
+            with engine.connect() as conn:
+                top = int(conn.execute(text("SELECT max(seq) FROM audit_events")).scalar_one())
+            if waiting == 0 and mark == top:
+                return True
+            await asyncio.sleep(0.025)
+        return False
+
+    def filers() -> int:
+        return sum(thread.name == "audit-index-filer" for thread in threading.enumerate())
+
+    before = filers()  # the CLI tests' live API runs one too
+    async with process.router.lifespan_context(process):
+        assert filers() == before + 1
+        assert await filed()
+        await api.identity()  # the mark follows, while the process runs
+        assert await filed()
+    assert filers() == before
