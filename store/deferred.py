@@ -29,6 +29,7 @@ from sqlalchemy import Engine, literal_column, select, union_all
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
+from store.fastsign import SqliteDatabase
 from store.models import AuditEvent, IndexMark
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,6 @@ class Filer:
     filtered query read through the seq index stays about a second long."""
 
     def __init__(self, path: str, interval: float = 1.0) -> None:
-        from store.fastsign import SqliteDatabase
-
         self.path = path
         self.lock_path = SqliteDatabase.lock_path_of(path)
         self.interval = interval

@@ -1107,7 +1107,7 @@ def _signature_rows(attempts: Sequence[_Attempt]) -> list[dict[str, Any]]:
     return rows
 
 
-def _write(db: Database, attempts: Sequence[_Attempt], now: datetime, texts: _EventTexts) -> None:
+def _write(db: SqliteDatabase, attempts: Sequence[_Attempt], now: datetime, texts: _EventTexts) -> None:
     """Phase 2 on SQLite, inside the caller's write transaction: statement by statement (each
     is a local call)."""
     at = db.time(now)
@@ -1122,7 +1122,7 @@ def _write(db: Database, attempts: Sequence[_Attempt], now: datetime, texts: _Ev
     )
     # The audit head is the last row written (the transaction already holds the write lock).
     seq, head_hash = db.rows(_READ_HEAD, {})[0]
-    indexed = 0 if getattr(db, "defer_indexes", False) else 1
+    indexed = 0 if db.defer_indexes else 1
     events, last_hash = _event_rows(attempts, texts, int(seq), str(head_hash), at, indexed)
     db.execute_many(_INSERT_EVENT, events)
     db.execute(_SET_HEAD, {"seq": int(seq) + len(attempts), "hash": last_hash})
