@@ -729,6 +729,8 @@ class _Attempt:
 
 
 Outcome = SignResult | SigngateError
+# Where a `SignBatcher` delivers one call's outcome, or the exception its batch failed with.
+OutcomeSink = Callable[[Outcome | BaseException], None]
 
 
 def authenticate(db: Database, token: str | None, now: datetime) -> tuple[audit.Actor, frozenset[str]]:
@@ -1475,7 +1477,7 @@ class SignBatcher:
         self.max_in_flight = max_in_flight
         self.spin_seconds = SPIN_SECONDS
         self._idle: list[SqliteDatabase | PostgresDatabase] = []  # connections not in use
-        self._pending: list[tuple[SignCall, asyncio.Future[Outcome]]] = []
+        self._pending: list[tuple[SignCall, OutcomeSink]] = []
         self._in_flight = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="sign-batch")
         self._lock = threading.Lock()
@@ -1492,17 +1494,28 @@ class SignBatcher:
         self._key_algorithms: dict[str, str] = {}
 
     async def sign(self, call: SignCall) -> SignResult:
+        future: asyncio.Future[Outcome | BaseException] = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Outcome | BaseException) -> None:
+            if not future.done():  # a caller who went away leaves a cancelled future
+                future.set_result(outcome)
+
+        self.submit(call, settle)
+        outcome = await future
+        if isinstance(outcome, BaseException):  # a refusal (SigngateError) or the batch's failure
+            raise outcome
+        return outcome
+
+    def submit(self, call: SignCall, on_outcome: OutcomeSink) -> None:
+        """`sign` without a task: `on_outcome` gets, on the loop, the call's outcome (its
+        SignResult or the SigngateError that answers it) or the exception its batch failed
+        with, once the batch has committed. Called on the event loop."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome] = loop.create_future()
-        self._pending.append((call, future))
+        self._pending.append((call, on_outcome))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
             # Started once calls stop arriving (`_gather`): those read meanwhile join the batch.
             loop.call_soon(self._gather, loop, len(self._pending), 0)
-        outcome = await future
-        if isinstance(outcome, SigngateError):
-            raise outcome
-        return outcome
 
     def _gather(self, loop: asyncio.AbstractEventLoop, seen: int, turns: int) -> None:
         """Wait another loop turn while calls keep arriving (up to a few turns), then start."""
@@ -1538,9 +1551,7 @@ class SignBatcher:
                 return
         self._on_thread(loop, batch)
 
-    def _on_thread(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[SignCall, asyncio.Future[Outcome]]]
-    ) -> None:
+    def _on_thread(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[SignCall, OutcomeSink]]) -> None:
         """The whole batch, reads to commit, on a thread of the pool (`_run`)."""
         done = self._executor.submit(self._run, [call for call, _ in batch])
         done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finish, loop, batch, f))
@@ -1548,7 +1559,7 @@ class SignBatcher:
     async def _record_async(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[tuple[SignCall, asyncio.Future[Outcome]]],
+        batch: list[tuple[SignCall, OutcomeSink]],
         prepared: PreparedBatch,
     ) -> None:
         """Phase 2 of a PostgreSQL batch prepared on the loop: the one statement that records
@@ -1598,7 +1609,7 @@ class SignBatcher:
     def _write_when_free(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[tuple[SignCall, asyncio.Future[Outcome]]],
+        batch: list[tuple[SignCall, OutcomeSink]],
         db: SqliteDatabase,
         prepared: PreparedBatch,
         since: float | None = None,
@@ -1700,17 +1711,16 @@ class SignBatcher:
     def _finish(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[tuple[SignCall, asyncio.Future[Outcome]]],
+        batch: list[tuple[SignCall, OutcomeSink]],
         done: concurrent.futures.Future[list[Outcome]],
     ) -> None:
         error = done.exception()
-        for position, (_, future) in enumerate(batch):
-            if future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(done.result()[position])
+        outcomes = done.result() if error is None else None
+        for position, (_, on_outcome) in enumerate(batch):
+            try:
+                on_outcome(error if outcomes is None else outcomes[position])
+            except Exception:  # one caller's answer must not keep the others from theirs
+                log.exception("answering a sign call failed")
         if self._pending:
             # The calls that arrived meanwhile form the next batch, on the slot this one frees.
             loop.call_soon(self._start, loop)

@@ -8,8 +8,11 @@ so those checks run in its batch transaction (`store.fastsign`), still on every 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
@@ -29,6 +32,7 @@ from api.deps import (
     get_context,
     require_any_scope,
 )
+from api.errors import internal_error_response
 from api.schemas import ApiModel, Page
 from core.errors import BadRequest, Forbidden, NotFound, SigngateError, Unauthorized
 from pki.algorithms import supported_algorithms
@@ -37,6 +41,9 @@ from store.db import session_scope
 from store.fastsign import SignBatcher, SignCall
 from store.identities import Principal
 from store.models import Identity, Signer
+from store.signing import SignResult
+
+log = logging.getLogger("signgate.api")
 
 router = APIRouter(tags=["signers"])
 
@@ -356,34 +363,32 @@ def _error_body(exc: SigngateError) -> bytes:
     return _ERROR_ENCODER.encode(content).encode()
 
 
-async def _sign_answer(
-    ctx: AppContext,
-    signer_id: str,
-    raw: bytes,
-    content_type: str | None,
-    authorization: str,
-    ip_address: str | None,
-) -> tuple[int, bytes, dict[str, str] | None]:
-    """(status, JSON body, extra headers) of one sign call: the one place its answers are made."""
-    try:
-        body, input_error = _read_sign_body(raw, content_type)
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("a valid bearer token is required")
-        call = SignCall(
-            signer_id=signer_id,
-            signing_algorithm=body.signing_algorithm if body is not None else "",
-            data_b64=body.data if body is not None else "",
-            is_digest=body.is_digest if body is not None else False,
-            client_metadata=body.client_metadata if body is not None else None,
-            token=token.strip(),
-            ip_address=ip_address,
-            input_error=input_error,
-        )
-        result = await sign_batcher(ctx).sign(call)
-    except SigngateError as exc:
-        extra = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return exc.status_code, _error_body(exc), extra
+def _sign_call(
+    signer_id: str, raw: bytes, content_type: str | None, authorization: str, ip_address: str | None
+) -> SignCall:
+    """The batch's call for one sign request; SigngateError for what is answered before it."""
+    body, input_error = _read_sign_body(raw, content_type)
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("a valid bearer token is required")
+    return SignCall(
+        signer_id=signer_id,
+        signing_algorithm=body.signing_algorithm if body is not None else "",
+        data_b64=body.data if body is not None else "",
+        is_digest=body.is_digest if body is not None else False,
+        client_metadata=body.client_metadata if body is not None else None,
+        token=token.strip(),
+        ip_address=ip_address,
+        input_error=input_error,
+    )
+
+
+def _refusal(exc: SigngateError) -> tuple[int, bytes, dict[str, str] | None]:
+    extra = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    return exc.status_code, _error_body(exc), extra
+
+
+def _signed(result: SignResult) -> tuple[int, bytes, dict[str, str] | None]:
     answer = {
         "signature": base64.b64encode(result.signature).decode("ascii"),
         "signingAlgorithm": result.signing_algorithm,
@@ -394,22 +399,54 @@ async def _sign_answer(
     return 200, _ANSWER_ENCODER.encode(answer).encode(), None
 
 
+async def _sign_answer(
+    ctx: AppContext,
+    signer_id: str,
+    raw: bytes,
+    content_type: str | None,
+    authorization: str,
+    ip_address: str | None,
+) -> tuple[int, bytes, dict[str, str] | None]:
+    """(status, JSON body, extra headers) of one sign call (`_sign_call`, `_refusal`, `_signed`
+    are the one place its answers are made; `FastSignEndpoint.submit` uses them without a task)."""
+    try:
+        result = await sign_batcher(ctx).sign(
+            _sign_call(signer_id, raw, content_type, authorization, ip_address)
+        )
+    except SigngateError as exc:
+        return _refusal(exc)
+    return _signed(result)
+
+
+BareAnswer = tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]
+
+
+def _bare(answer: tuple[int, bytes, dict[str, str] | None]) -> BareAnswer:
+    status, content, extra = answer
+    return status, content, (_UNAUTHORIZED_HEADER,) if extra is not None else ()
+
+
 class FastSignEndpoint:
     """The sign call as a bare ASGI app: no dependency injection, no Request or Response objects.
 
     Reads the body and the two headers it needs and writes one pre-encoded answer; the rules
-    and the answers are `_sign_answer`'s, shared with `sign`. `answer` is the same call without
-    ASGI, for `api.http.SigngateHttpProtocol`.
+    and the answers are `_sign_call`'s, `_refusal`'s and `_signed`'s, shared with `sign`.
+    `submit` is the same call without ASGI and without a task, for
+    `api.http.SigngateHttpProtocol`; `answer` awaits it.
     """
 
-    async def answer(
+    def submit(
         self,
         app: Any,
         path_params: dict[str, str],
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         client: str | None,
-    ) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]:
+        on_answer: Callable[[BareAnswer], None],
+    ) -> None:
+        """Hand the call to the sign batcher; `on_answer` gets its answer, on the event loop
+        (at once for a request answered before the batch). An unexpected failure of its batch
+        is raised to `on_answer`'s caller as the contract's 500."""
         content_type: str | None = None
         authorization: str | None = None
         for name, value in headers:
@@ -418,10 +455,39 @@ class FastSignEndpoint:
                     content_type = value.decode("latin-1")
             elif name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
-        status, content, extra = await _sign_answer(
-            app.state.ctx, path_params["signer_id"], body, content_type, authorization or "", client
-        )
-        return status, content, (_UNAUTHORIZED_HEADER,) if extra is not None else ()
+        try:
+            call = _sign_call(path_params["signer_id"], body, content_type, authorization or "", client)
+        except SigngateError as exc:
+            on_answer(_bare(_refusal(exc)))
+            return
+
+        def answered(outcome: SignResult | BaseException) -> None:
+            if isinstance(outcome, SigngateError):
+                on_answer(_bare(_refusal(outcome)))
+            elif isinstance(outcome, BaseException):
+                log.error("sign call failed", exc_info=outcome)
+                on_answer((500, bytes(internal_error_response().body), ()))
+            else:
+                on_answer(_bare(_signed(outcome)))
+
+        sign_batcher(app.state.ctx).submit(call, answered)
+
+    async def answer(
+        self,
+        app: Any,
+        path_params: dict[str, str],
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        client: str | None,
+    ) -> BareAnswer:
+        answered: asyncio.Future[BareAnswer] = asyncio.get_running_loop().create_future()
+
+        def settle(answer: BareAnswer) -> None:
+            if not answered.done():  # a caller who went away leaves a cancelled future
+                answered.set_result(answer)
+
+        self.submit(app, path_params, headers, body, client, settle)
+        return await answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks: list[bytes] = []
