@@ -126,6 +126,18 @@ UPDATE grants SET used_sign_operations = used_sign_operations + :take
 WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
 RETURNING allowed_sign_operations - used_sign_operations
 """  # noqa: S608
+# The usual case in one statement: the grant that ends first (or the pinned one) has enough
+# left for the whole group; no row when it has not.
+_TAKE_ALL_FIRST = f"""
+UPDATE grants SET used_sign_operations = used_sign_operations + :take
+WHERE id = ({_GRANT_CANDIDATE}) AND used_sign_operations + :take <= allowed_sign_operations
+RETURNING id, request_id, allowed_sign_operations - used_sign_operations
+"""  # noqa: S608
+_TAKE_ALL_PINNED = f"""
+UPDATE grants SET used_sign_operations = used_sign_operations + :take
+WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
+RETURNING id, request_id, allowed_sign_operations - used_sign_operations
+"""  # noqa: S608
 _EXHAUSTED = "UPDATE grants SET status = 'exhausted' WHERE id = :grant_id"
 # PostgreSQL (`_commit_pipelined`): the whole write side of a batch in one statement, run in
 # autocommit so it commits as it returns (migration 0002 defines the function).
@@ -897,13 +909,21 @@ def _take(
 ) -> list[tuple[str, str]]:
     """Up to `wanted` operations from the caller's usable grants: (grant id, request id) each.
 
-    SQLite, inside the batch's write transaction (which holds the database's write lock): the
-    candidate is read with what it has left, then updated under the same conditions plus
-    "enough left", so no grant is ever overspent.
+    SQLite, inside the batch's write transaction (which holds the database's write lock): one
+    statement takes the whole group from the grant that ends first if it has enough left (the
+    usual case); otherwise the candidate is read with what it has left, then updated under the
+    same conditions plus "enough left", so no grant is ever overspent.
     """
     params: dict[str, Any] = {"signer_id": signer_id, "identity_id": identity_id, "now": now}
     if pinned is not None:
         params["grant_id"] = pinned
+    whole = db.rows(_TAKE_ALL_PINNED if pinned is not None else _TAKE_ALL_FIRST, {**params, "take": wanted})
+    if whole:
+        grant_id, request_id, left = whole[0]
+        if int(left) <= 0:
+            db.execute(_EXHAUSTED, {"grant_id": grant_id})
+        return [(str(grant_id), str(request_id))] * wanted
+    # Not enough left in that grant: what it has, then the next one's.
     query = _PINNED_LEFT if pinned is not None else _CANDIDATE_LEFT
     taken: list[tuple[str, str]] = []
     misses = 0
@@ -1145,12 +1165,20 @@ def _outcome(attempt: _Attempt) -> Outcome:
     )
 
 
-def _commit(db: Database, attempts: Sequence[_Attempt], now: datetime, epoch: int | None = None) -> None:
+def _commit(
+    db: Database,
+    attempts: Sequence[_Attempt],
+    now: datetime,
+    epoch: int | None = None,
+    texts: _EventTexts | None = None,
+) -> None:
+    """Phase 2 for `attempts`; on SQLite with their events' texts if made already (`texts`)."""
     if isinstance(db, PostgresDatabase):
         _commit_pipelined(db, attempts, now, epoch)
         return
     assert isinstance(db, SqliteDatabase)
-    texts = _EventTexts(attempts, now)
+    if texts is None:
+        texts = _EventTexts(attempts, now)
     db.begin_write()
     try:
         _write(db, attempts, now, texts)
@@ -1310,6 +1338,8 @@ class PreparedBatch:
     failed: BaseException | None = None
     epoch: int | None = None  # PostgreSQL: the security epoch its reads are from, if cached
     cache: ReadCache | None = None
+    # SQLite: the attempts' audit texts, made before the write lock is taken (`_commit`).
+    texts: _EventTexts | None = None
 
 
 def prepare_batch(
@@ -1349,6 +1379,8 @@ def prepare_batch(
                 prepared.outcomes[index] = exc
         if reads.from_cache and any(outcome is not None for outcome in prepared.outcomes):
             return prepare_batch(db, key_store, calls, key_algorithms, cache, fresh=True)
+        if isinstance(db, SqliteDatabase) and prepared.attempts:
+            prepared.texts = _EventTexts(prepared.attempts, now)
     except Exception as exc:
         prepared.failed = exc
     return prepared
@@ -1368,7 +1400,7 @@ def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
             db.rollback()
             return cast(list[Outcome], outcomes)
         try:
-            _commit(db, attempts, now, prepared.epoch)
+            _commit(db, attempts, now, prepared.epoch, prepared.texts)
         except StaleReads:
             if prepared.cache is not None:
                 prepared.cache.forget()
@@ -1406,6 +1438,12 @@ def commit_batch(db: Database, prepared: PreparedBatch) -> list[Outcome]:
     return _answers(prepared)
 
 
+@functools.cache
+def _operations_counter(status: str) -> Any:
+    """The sign operations counter of one status (a label lookup takes a lock each time)."""
+    return SIGN_OPERATIONS.labels(status=status)
+
+
 def _unreachable(prepared: PreparedBatch) -> list[Outcome]:
     """A batch whose write side could not reach the database: 503 for every call not yet answered."""
     unavailable = Unavailable("the database is unreachable")
@@ -1421,7 +1459,7 @@ def _answers(prepared: PreparedBatch) -> list[Outcome]:
             recorded[attempt.status] = recorded.get(attempt.status, 0) + 1
         outcomes[attempt.index] = _outcome(attempt)
     for status, count in recorded.items():
-        SIGN_OPERATIONS.labels(status=status).inc(count)
+        _operations_counter(status).inc(count)
     return cast(list[Outcome], outcomes)
 
 

@@ -138,6 +138,38 @@ async def test_a_batch_spends_grants_in_order_and_pinned_calls_share_what_is_lef
     assert chain_report(engine).valid
 
 
+async def test_a_group_the_first_grant_covers_exactly_spends_it_and_leaves_the_next(
+    api: Api, app: Any, engine: Engine
+) -> None:
+    """The usual case, one statement: the grant that ends first has enough for the whole group;
+    taking its last operation marks it exhausted; the next grant is left untouched."""
+    member = await api.identity(scopes=["codesign:sign"])
+    signer = await policy_signer(api, [member])
+    first = insert_grant(
+        engine, signer_id=signer["id"], identity_id=member.id, operations=4, valid_for=timedelta(minutes=30)
+    )
+    second = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=4)
+
+    db = open_database(engine)
+    try:
+        batches = [
+            run_batch(db, app.state.ctx.key_store, [call(member, signer["id"]) for _ in range(n)])
+            for n in (3, 1, 2)
+        ]
+    finally:
+        db.close()
+
+    granted = [[o.grant_id if isinstance(o, SignResult) else o for o in outcomes] for outcomes in batches]
+    assert granted == [[first] * 3, [first], [second] * 2]
+    with Session(engine) as session:
+        used = {g: session.get(Grant, g) for g in (first, second)}
+        assert {g: (x.used_sign_operations, x.status) for g, x in used.items() if x} == {
+            first: (4, "exhausted"),
+            second: (2, "active"),
+        }
+    assert chain_report(engine).valid
+
+
 async def test_a_mixed_batch_answers_each_call_on_its_own(api: Api, app: Any, engine: Engine) -> None:
     member = await api.identity(scopes=["codesign:sign"])
     no_scope = await api.identity(scopes=["codesign:request"])
