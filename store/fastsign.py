@@ -493,7 +493,7 @@ class NoRoundTrips(PostgresDatabase):
 
 
 class StaleReads(Exception):
-    """PostgreSQL recorded nothing: the batch's cached reads are from an older security epoch."""
+    """Nothing was recorded: the batch's cached reads are from an older security epoch."""
 
 
 class ReadCache:
@@ -501,11 +501,14 @@ class ReadCache:
     security epoch (migration 0003) stands still.
 
     Triggers bump the epoch in the same transaction as any change to tokens, identities,
-    signers, certificates or memberships. On SQLite a batch reads the epoch (one short query)
-    instead of those rows; on PostgreSQL the statement that records the batch compares it and
-    records nothing if it moved, and the batch is read and signed again. Either way a revoked
-    token, an expired one (checked against each batch's own instant), a removed member or a
-    disabled signer is refused from the next batch on, as when every batch read the rows.
+    signers, certificates or memberships. The write side compares the epoch the batch's reads
+    stand for with the database's, and records nothing if it moved (StaleReads): on SQLite one
+    short query inside the write transaction, under the writers' lock; on PostgreSQL inside the
+    statement that records the batch. The batch is then read and signed again. A batch that
+    refuses a call from cached reads (a refusal is never recorded) reads the epoch first, and
+    prepares again from fresh reads if it moved. Either way a revoked token, an expired one
+    (checked against each batch's own instant), a removed member or a disabled signer is
+    refused from the first batch recorded after the change, as when every batch read the rows.
 
     A signer row also says whether the caller had a usable grant, which changes without the
     epoch: a cached row is taken to say yes (the write side settles it, under lock), except for
@@ -590,7 +593,9 @@ class _BatchReads:
         self.db = db
         self.cache = cache
         self.epoch = epoch
-        self.from_cache = False  # PostgreSQL: no rows were read for this batch
+        # Reads may come from the cache at an epoch not checked yet (PostgreSQL: no rows were
+        # read for this batch; SQLite: the epoch was not read).
+        self.from_cache = False
         self.answers: dict[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
 
     @staticmethod
@@ -1181,6 +1186,9 @@ def _commit(
         texts = _EventTexts(attempts, now)
     db.begin_write()
     try:
+        # Reads from a `ReadCache` stand only while the epoch does (nothing recorded otherwise).
+        if epoch is not None and int(db.rows(_EPOCH, {})[0][0]) != epoch:
+            raise StaleReads
         _write(db, attempts, now, texts)
         db.commit()
     except BaseException:
@@ -1353,9 +1361,11 @@ def prepare_batch(
 ) -> PreparedBatch:
     """Phase 1 of a batch: its reads and signatures, with no write lock taken.
 
-    On PostgreSQL, reads from the cache are checked against the epoch when the batch is
-    recorded; a call refused here is never recorded, so a batch that refused one from cached
-    reads is prepared again from fresh ones (a member just added is not refused)."""
+    With a cache, reads from it are checked against the security epoch when the batch is
+    recorded (on SQLite inside the write transaction, `_commit`; on PostgreSQL by the recording
+    statement). A call refused here is never recorded, so a batch that refused one from cached
+    reads is prepared again from fresh ones if the epoch has moved (a member just added is not
+    refused). On SQLite the epoch is read here only when the cache has none, or for `fresh`."""
     now = utcnow()
     prepared = PreparedBatch(now=now, outcomes=[None] * len(calls), attempts=[], cache=cache)
     try:
@@ -1364,9 +1374,13 @@ def prepare_batch(
             reads = _prefetch(db, calls, now, cache, fresh=fresh)
             prepared.epoch = reads.epoch
         elif cache is not None:
-            epoch = int(db.rows(_EPOCH, {})[0][0])
-            cache.at(epoch)
+            epoch, unchecked = cache.epoch, True
+            if epoch is None or fresh:
+                epoch, unchecked = int(db.rows(_EPOCH, {})[0][0]), False
+                cache.at(epoch)
             reads = _BatchReads(db, cache, epoch)
+            reads.from_cache = unchecked
+            prepared.epoch = epoch
         else:
             reads = _BatchReads(db)
         resolved: dict[tuple[str | None, str], _Resolved] = {}
@@ -1378,7 +1392,8 @@ def prepare_batch(
             except SigngateError as exc:
                 prepared.outcomes[index] = exc
         if reads.from_cache and any(outcome is not None for outcome in prepared.outcomes):
-            return prepare_batch(db, key_store, calls, key_algorithms, cache, fresh=True)
+            if isinstance(db, PostgresDatabase) or int(db.rows(_EPOCH, {})[0][0]) != prepared.epoch:
+                return prepare_batch(db, key_store, calls, key_algorithms, cache, fresh=True)
         if isinstance(db, SqliteDatabase) and prepared.attempts:
             prepared.texts = _EventTexts(prepared.attempts, now)
     except Exception as exc:
@@ -1661,6 +1676,10 @@ class SignBatcher:
             done: concurrent.futures.Future[list[Outcome]] = concurrent.futures.Future()
             try:
                 done.set_result(self._record(db, prepared))  # lets go of the lock
+            except StaleReads:  # nothing recorded: read and sign again, on a thread
+                self._checkin(db)
+                self._on_thread(loop, batch)
+                return
             except Exception as exc:  # handed to the callers, as from a thread
                 done.set_exception(exc)
             self._finish(loop, batch, done)

@@ -654,10 +654,9 @@ async def test_a_caller_refused_for_want_of_a_grant_is_read_afresh(
 async def test_a_batch_read_before_a_change_is_recorded_only_after_reading_again(
     api: Api, app: Any, engine: Engine
 ) -> None:
-    """PostgreSQL checks the epoch in the statement that records a batch: a batch prepared from
-    cached reads, then a revocation, then the record: nothing is recorded and the batcher reads
-    again (the revoked caller is refused, the other signs once). SQLite reads the epoch when a
-    batch is prepared, with the write lock's ordering."""
+    """The write side checks the epoch (SQLite inside its write transaction, PostgreSQL in the
+    statement that records a batch): a batch prepared from cached reads, then a revocation,
+    then the record: nothing is recorded, and the batch read again refuses the revoked caller."""
     from store.fastsign import ReadCache, StaleReads, commit_batch, prepare_batch
 
     member = await api.identity(scopes=["codesign:sign"])
@@ -678,11 +677,8 @@ async def test_a_batch_read_before_a_change_is_recorded_only_after_reading_again
                 select(ApiToken.id).where(ApiToken.identity_id == member.id)
             ).scalar_one()  # type: ignore[call-overload]
         await api.call("DELETE", f"/identities/{member.id}/tokens/{token_id}", api.admin, expect=204)
-        if isinstance(db, SqliteDatabase):
-            assert isinstance(commit_batch(db, prepared)[0], SignResult)  # prepared before the change
-        else:
-            with pytest.raises(StaleReads):
-                commit_batch(db, prepared)
+        with pytest.raises(StaleReads):
+            commit_batch(db, prepared)
         outcome = commit_batch(db, prepare_batch(db, key_store, [call(member, signer["id"])], None, cache))[0]
         assert isinstance(outcome, Unauthorized)
     finally:
@@ -692,15 +688,15 @@ async def test_a_batch_read_before_a_change_is_recorded_only_after_reading_again
         assert grant is not None
         used = grant.used_sign_operations
     successes = [op for op in operations_of(engine, signer["id"]) if op.status == "success"]
-    assert used == len(successes) == (2 if isinstance(db, SqliteDatabase) else 1)
+    assert used == len(successes) == 1
     assert chain_report(engine).valid
 
 
 async def test_the_batcher_signs_again_when_the_epoch_moved_under_a_batch(
     api: Api, app: Any, engine: Engine
 ) -> None:
-    """A change between a batch's reads and its record: on PostgreSQL the batcher reads and
-    signs again and records each call once; SQLite's batches read the epoch as they start."""
+    """A change between a batch's reads and its record: the batcher reads and signs again and
+    records each call once."""
     member = await api.identity(scopes=["codesign:sign"])
     signer = await policy_signer(api, [member])
     grant_id = insert_grant(engine, signer_id=signer["id"], identity_id=member.id, operations=10)
@@ -737,13 +733,10 @@ async def test_the_batcher_signs_again_when_the_epoch_moved_under_a_batch(
     with Session(engine) as session:
         grant = session.get(Grant, grant_id)
         assert grant is not None and grant.used_sign_operations == 3
-    if engine.url.get_backend_name() == "postgresql":
-        # The second batch was recorded on its second try, from reads at the new epoch.
-        first, second, again = records[:3]
-        assert len(records) == 4 and second == first and second is not None and again is not None
-        assert again > second
-    else:
-        assert len(records) == 3
+    # The second batch was recorded on its second try, from reads at the new epoch.
+    first, second, again = records[:3]
+    assert len(records) == 4 and second == first and second is not None and again is not None
+    assert again > second
     assert chain_report(engine).valid
 
 
