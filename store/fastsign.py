@@ -120,22 +120,17 @@ _GRANT_LEFT = "SELECT id, request_id, allowed_sign_operations - used_sign_operat
 _CANDIDATE_LEFT = f"{_GRANT_LEFT} WHERE {_USABLE_GRANT} ORDER BY valid_until, id LIMIT 1"
 _PINNED_LEFT = f"{_GRANT_LEFT} WHERE id = :grant_id AND {_USABLE_GRANT}"
 # Only the count changes: the status (an indexed column) is set apart, by the one take that
-# spends a grant's last operation (`_EXHAUSTED`), in the same transaction.
+# spends a grant's last operation (`_EXHAUSTED`), in the same transaction. Both return the
+# grant, its request and what it has left; no row when it has not enough.
 _TAKE = f"""
 UPDATE grants SET used_sign_operations = used_sign_operations + :take
 WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
-RETURNING allowed_sign_operations - used_sign_operations
-"""  # noqa: S608
-# The usual case in one statement: the grant that ends first (or the pinned one) has enough
-# left for the whole group; no row when it has not.
-_TAKE_ALL_FIRST = f"""
-UPDATE grants SET used_sign_operations = used_sign_operations + :take
-WHERE id = ({_GRANT_CANDIDATE}) AND used_sign_operations + :take <= allowed_sign_operations
 RETURNING id, request_id, allowed_sign_operations - used_sign_operations
 """  # noqa: S608
-_TAKE_ALL_PINNED = f"""
+# The usual case in one statement: the grant that ends first has enough for the whole group.
+_TAKE_FIRST = f"""
 UPDATE grants SET used_sign_operations = used_sign_operations + :take
-WHERE id = :grant_id AND {_USABLE_GRANT} AND used_sign_operations + :take <= allowed_sign_operations
+WHERE id = ({_GRANT_CANDIDATE}) AND used_sign_operations + :take <= allowed_sign_operations
 RETURNING id, request_id, allowed_sign_operations - used_sign_operations
 """  # noqa: S608
 _EXHAUSTED = "UPDATE grants SET status = 'exhausted' WHERE id = :grant_id"
@@ -922,7 +917,7 @@ def _take(
     params: dict[str, Any] = {"signer_id": signer_id, "identity_id": identity_id, "now": now}
     if pinned is not None:
         params["grant_id"] = pinned
-    whole = db.rows(_TAKE_ALL_PINNED if pinned is not None else _TAKE_ALL_FIRST, {**params, "take": wanted})
+    whole = db.rows(_TAKE if pinned is not None else _TAKE_FIRST, {**params, "take": wanted})
     if whole:
         grant_id, request_id, left = whole[0]
         if int(left) <= 0:
@@ -940,7 +935,7 @@ def _take(
         take = min(int(left), wanted - len(taken))
         left_after = db.rows(_TAKE, {**params, "grant_id": grant_id, "take": take}) if take > 0 else []
         if left_after:
-            if int(left_after[0][0]) <= 0:
+            if int(left_after[0][2]) <= 0:
                 db.execute(_EXHAUSTED, {"grant_id": grant_id})
             taken += [(str(grant_id), str(request_id))] * take
         else:
@@ -1170,6 +1165,11 @@ def _outcome(attempt: _Attempt) -> Outcome:
     )
 
 
+def _read_epoch(db: Database) -> int:
+    """SQLite: the security epoch as the connection sees it now."""
+    return int(db.rows(_EPOCH, {})[0][0])
+
+
 def _commit(
     db: Database,
     attempts: Sequence[_Attempt],
@@ -1187,7 +1187,7 @@ def _commit(
     db.begin_write()
     try:
         # Reads from a `ReadCache` stand only while the epoch does (nothing recorded otherwise).
-        if epoch is not None and int(db.rows(_EPOCH, {})[0][0]) != epoch:
+        if epoch is not None and _read_epoch(db) != epoch:
             raise StaleReads
         _write(db, attempts, now, texts)
         db.commit()
@@ -1376,7 +1376,7 @@ def prepare_batch(
         elif cache is not None:
             epoch, unchecked = cache.epoch, True
             if epoch is None or fresh:
-                epoch, unchecked = int(db.rows(_EPOCH, {})[0][0]), False
+                epoch, unchecked = _read_epoch(db), False
                 cache.at(epoch)
             reads = _BatchReads(db, cache, epoch)
             reads.from_cache = unchecked
@@ -1392,7 +1392,7 @@ def prepare_batch(
             except SigngateError as exc:
                 prepared.outcomes[index] = exc
         if reads.from_cache and any(outcome is not None for outcome in prepared.outcomes):
-            if isinstance(db, PostgresDatabase) or int(db.rows(_EPOCH, {})[0][0]) != prepared.epoch:
+            if isinstance(db, PostgresDatabase) or _read_epoch(db) != prepared.epoch:
                 return prepare_batch(db, key_store, calls, key_algorithms, cache, fresh=True)
         if isinstance(db, SqliteDatabase) and prepared.attempts:
             prepared.texts = _EventTexts(prepared.attempts, now)

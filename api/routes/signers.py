@@ -33,6 +33,7 @@ from api.deps import (
     require_any_scope,
 )
 from api.errors import internal_error_response
+from api.http import BareAnswer
 from api.schemas import ApiModel, Page
 from core.errors import BadRequest, Forbidden, NotFound, SigngateError, Unauthorized
 from pki.algorithms import supported_algorithms
@@ -418,9 +419,6 @@ async def _sign_answer(
     return _signed(result)
 
 
-BareAnswer = tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]
-
-
 def _bare(answer: tuple[int, bytes, dict[str, str] | None]) -> BareAnswer:
     status, content, extra = answer
     return status, content, (_UNAUTHORIZED_HEADER,) if extra is not None else ()
@@ -446,7 +444,7 @@ class FastSignEndpoint:
     ) -> None:
         """Hand the call to the sign batcher; `on_answer` gets its answer, on the event loop
         (at once for a request answered before the batch). An unexpected failure of its batch
-        is raised to `on_answer`'s caller as the contract's 500."""
+        is logged and answered with the contract's 500."""
         content_type: str | None = None
         authorization: str | None = None
         for name, value in headers:
